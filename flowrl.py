@@ -63,7 +63,7 @@ ARMS = ("flowrl", "grpo", "grpo_kl", "ppo", "reinforce")
 class Config:
     """FlowRL vs GRPO, GRPO+KL and PPO on DigitSum from the same initial model; prints one comparison table."""
 
-    steps: int = 300  # training steps per arm (one rollout batch each)
+    steps: int = 500  # training steps per arm (one rollout batch each)
     seed: int = 0  # random seed
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     data: str = ""  # JSON-lines with column 'target' (int 0..36: one prompt per row); empty: targets 10..25
@@ -73,7 +73,7 @@ class Config:
     algo: str = "flowrl,grpo,grpo_kl,ppo"  # comma-separated arms: flowrl, grpo, grpo_kl, ppo, reinforce
     task: str = "digitsum"  # digitsum (reward 1 if the 4 digits sum to s) or tiered (1.0 even first digit, 0.5 odd)
     group: int = 16  # G: samples per prompt per step
-    lr: float = 1e-3  # Adam learning rate of the policy
+    lr: float = 3e-3  # Adam learning rate of the policy
     beta: float = 1.0  # FlowRL β (paper: 15; the toy's default comes from --sweep, see Deviations)
     clip_eps: float = 0.2  # ε of the clipped importance weight / clipped surrogate
     official_clamp: bool = False  # FlowRL weight clamp(w, max=10) as the official code, not the paper's clip(w, 1±ε)
