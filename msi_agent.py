@@ -1,0 +1,931 @@
+"""MSI-Agent: Multi-Scale Insight for embodied planning — arXiv 2409.16686 (https://arxiv.org/abs/2409.16686)
+
+An embodied agent improves from experience by turning past trajectories into insights (rules) and putting the
+relevant ones into its planner's context. MSI keeps insights at three scales — general (every task), environment
+(one room type), subtask (one kind of task) — in an insight database and selects them by scale, so the planner's
+limited context holds the rules that apply, not a flat list (ExpeL) with other rooms' rules in it.
+
+Here: a text household whose action preconditions are hidden at the three scales; exploration episodes; the
+experience selector (success mode; pair mode by query-embedding similarity); LLM-free insight generation by
+contrasting a failure with its paired success, with the paper's operations and scores; a SQLite insight database;
+hashmap and vector insight selection; a small transformer planner trained by behaviour cloning to follow the rule
+lines in its context (its demonstrations carry random rules, so the only way to know a rule is to read it).
+
+Key equations (symbols as in the code):
+    pair mode     f*(s) = argmax_f cos(e(q_s), e(q_f)),   e(q) = hashed bag of words / ||.||
+    contrast      C(s, f) = {(v, p): p ran in s right before its v-action and had not run in f before f failed at v}
+    scale         general if |rooms| >= 2 and |kinds| >= 2;  environment(room) if |rooms| = 1;  else subtask(kind)
+    scores        ADD: s = 2;  AGREE: s += 1;  EDIT: s kept;  REMOVE: s -= 1, dropped at 0;  MOVE: s = 2
+    selection     ctx = [general ; environment(room) ; subtask part][:budget], each part by score; the subtask part by
+                  subtask-name lookup (hashmap) or ranked by cos(e(query), e(rule)) (vector)
+    planner       L = CE(next core verb) + CE(next core argument) + BCE(s_tj, 1[rule line j applies to step t]),
+                  s_tj = (W_q h_t) . (W_k h_j) / sqrt(d)
+    metrics       SR = mean 1[met = total];  GC = sum met / sum total  (goal conditions = core actions achieved)
+
+Run:
+    python msi_agent.py                  # the whole comparison at the defaults (<= 240 s CPU at 1 thread)
+    python msi_agent.py --steps 200      # shorter planner training
+    python msi_agent.py --smoke          # the same code path at a tiny size, in seconds (the tests run this)
+
+Result of the default run (2-core CPU, 1 thread; RESULTS_CPU; mean of 3 exploration seeds, 400 tasks each):
+RESULTS_TABLE
+
+Deviations from the paper (and its official code):
+- No LLM. Insights come from a rule: contrast the failure's first failing action with the steps the paired success
+  ran right before the same action. ADD/AGREE/EDIT/REMOVE/MOVE follow from evidence: REMOVE when a success seen so
+  far (the whole pool, not only the batch: without an LLM's prior a batch cannot refute chance co-occurrence) ran
+  the trigger inside the rule's scope without the precondition; EDIT turns a concrete argument into "X" once a second
+  argument agrees; MOVE when the rooms/kinds that support a rule change its scale. One operation per rule per batch.
+- One room and one kind of evidence puts a rule at the environment scale (the paper's LLM chooses).
+- Hashmap selection reads the subtask names off the task (the paper asks an LLM to map the query to names).
+- Embeddings are 64-dim hashed bags of words, not a sentence encoder.
+- The planner is a 2-layer transformer (not an LLM) that writes the core actions token by token and copies the rule
+  lines that apply to each (a pointer head); its vocabulary is a closed symbol table, one id per word, no tiktoken.
+  The context budget counts rule lines (one position each).
+- The flat baseline is an ExpeL-like store: the same generator with one scale, so a rule is refuted anywhere.
+- TEACh/ALFWorld are replaced by the toy; out of domain is a held-out room type (office) with one environment rule
+  shared with the living room and one new one. The planner is trained once; seeds vary exploration and test tasks.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sqlite3
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import datasets
+
+# --- config ---
+
+
+@dataclasses.dataclass
+class Config:
+    """Collect experience in a toy household, build a multi-scale insight DB, compare insight selection for a planner."""
+
+    steps: int = 400  # planner behaviour-cloning steps
+    seed: int = 0  # random seed
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
+    data: str = ""  # JSON lines with columns room, subtasks (list of "kind object [receptacle]"): in-domain test tasks
+    out: str = "runs/msi_agent"  # folder for results.json and insights.sqlite
+    smoke: bool = False  # the same code path at a tiny size, in seconds
+    log_every: int = 100  # steps between log lines
+    batch_size: int = 64  # demonstrations per planner step
+    lr: float = 3e-3  # AdamW learning rate (warmup, then cosine to 10%)
+    d_model: int = 64  # planner width
+    n_layer: int = 2  # planner transformer blocks
+    n_head: int = 4  # attention heads
+    max_lines: int = 30  # most rule lines the planner is trained to read
+    seeds: int = 3  # exploration / test-task seeds (the planner is trained once)
+    explore_episodes: int = 2000  # exploration episodes in the four training rooms
+    explore_p: float = 0.6  # chance the explorer inserts each admissible extra action before a core action
+    pair_batch: int = 16  # experiences per insight-generation batch
+    eval_episodes: int = 400  # test tasks per condition (in domain and out of domain each)
+    budget: int = 8  # context budget in rule lines (chosen from the sweep: the smallest at which hashmap plateaus)
+    sweep: str = "3,5,8,12,30"  # budgets for the context-budget sweep
+    experience_sweep: str = "100,250,1000,4000"  # exploration sizes for the induction-needs-experience check (seed 0)
+    shift_episodes: int = 700  # exploration episodes per room in the sequential domain-shift test
+
+    def __post_init__(self):
+        require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
+        for name in ("batch_size", "d_model", "n_layer", "n_head", "max_lines", "seeds", "explore_episodes",
+                     "pair_batch", "eval_episodes", "budget", "shift_episodes"):
+            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
+        require(self.d_model % self.n_head == 0, f"--d-model {self.d_model}: must be a multiple of --n-head")
+        require(0 < self.explore_p < 1, f"--explore-p {self.explore_p}: must be in (0, 1)")
+        require(self.lr > 0, f"--lr {self.lr}: must be positive")
+        for name in ("sweep", "experience_sweep"):
+            require(re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", getattr(self, name)) is not None,
+                    f"--{name.replace('_', '-')} {getattr(self, name)}: a comma-separated list of positive numbers")
+        require(self.budget <= self.max_lines and max(map(int, self.sweep.split(","))) <= self.max_lines,
+                f"--budget/--sweep: at most --max-lines {self.max_lines} lines")
+
+
+# --- boilerplate: CLI, seeding, device, logging, files (the same text in every script) ---
+
+
+class BadInput(Exception):
+    """A user error (bad flag, value or file): main() prints this one line and exits with status 2."""
+
+
+class NonFinite(Exception):
+    """A loss term turned NaN or inf: main() prints the step and the term and exits with status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise BadInput(message)
+
+
+def field_help(cls):
+    """The `# comment` after each Config field is its --help text."""
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+
+
+def parse_config(cls, argv=None):
+    """argparse built from the dataclass fields: `foo_bar: int = 3` becomes `--foo-bar 3`."""
+    helps = field_help(cls)
+    parser = _Parser(description=(cls.__doc__ or "").strip(),
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, metavar=f.type.__name__.upper(),
+                                help=helps.get(f.name))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    require(cfg.device in ("auto", "cpu", "cuda", "mps"), f"--device {cfg.device}: choose auto, cpu, cuda or mps")
+    require(cfg.steps > 0, f"--steps {cfg.steps}: must be a positive number of steps")
+    require(not cfg.data or os.path.isfile(cfg.data), f"--data {cfg.data}: no such file")
+    return cfg
+
+
+def require(condition, message):
+    if not condition:
+        raise BadInput(message)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device on this machine")
+    require(name != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device on this machine")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on a CUDA device that supports it; fp32 everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def log_progress(step, total, start_time, **metrics):
+    """One line: step, the metrics given (loss terms, reward, throughput), elapsed time and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / step * (total - step)
+    values = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    log(f"step {step:>5}/{total} | {values} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+
+
+def check_finite(step, **terms):
+    """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
+    for name, value in terms.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
+
+
+def load_user_data(path, columns):
+    """A user's JSON-lines file as a datasets.Dataset; a bad file is one BadInput line (file, line, column)."""
+    n_rows = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
+            for column in columns:
+                require(isinstance(row, dict) and column in row, f"--data {path}, line {line_no}: missing column '{column}'")
+            n_rows += 1
+    require(n_rows > 0, f"--data {path}: no rows")
+    datasets.disable_progress_bars()
+    return datasets.load_dataset("json", data_files=path, split="train")
+
+
+def save_json(path, obj):
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_cli(cls, run, argv=None):
+    """Parse argv into a Config and call run(cfg); a user error exits 2, a non-finite loss exits 1."""
+    try:
+        return run(parse_config(cls, argv))
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# --- end of boilerplate ---
+
+# --- data: a text household whose preconditions are hidden at three scales ---
+
+ROOMS = ("kitchen", "livingroom", "bedroom", "bathroom")  # training room types
+OOD_ROOM = "office"  # held out: its take-rule is the living room's, its put-rule is new
+KIND_OBJECTS = {"heat": ("apple", "potato", "bread", "mug"), "cool": ("apple", "tomato", "bread", "bottle"),
+                "clean": ("mug", "plate", "cloth"), "slice": ("apple", "bread", "tomato", "potato"),
+                "place": ("book", "mug", "plate", "cloth"), "light": ("lamp", "lantern"),
+                "fill": ("mug", "cup", "kettle", "bottle")}
+KINDS, RECEPTACLES, PLACE_RECEPTACLES = tuple(KIND_OBJECTS), ("microwave", "fridge", "box", "safe", "crate"), ("box", "safe", "crate")
+CORE_VERBS = ("take", "put", "heat", "cool", "clean", "slice", "light", "fill")
+PRE_VERBS = ("goto", "open", "toggle", "turnon", "grab", "wet", "plug", "unlock")
+OBJECTS = tuple(sorted({o for objs in KIND_OBJECTS.values() for o in objs}))
+PRE_ARGS = ("X",) + OBJECTS + RECEPTACLES + ("cabinet", "drawer", "tap", "switch", "knife", "sponge")
+# hidden rules: (trigger verb, precondition verb, precondition argument); "X" is the trigger's own argument
+GENERAL_RULES = (("take", "goto", "X"), ("put", "open", "X"), ("put", "goto", "X"))
+ENV_RULES = {"kitchen": (("take", "open", "cabinet"),), "livingroom": (("take", "toggle", "switch"),),
+             "bedroom": (("take", "open", "drawer"),), "bathroom": (("clean", "turnon", "tap"), ("fill", "turnon", "tap")),
+             "office": (("take", "toggle", "switch"), ("put", "unlock", "X"))}
+SUBTASK_RULES = {"heat": (("heat", "toggle", "microwave"),), "slice": (("slice", "grab", "knife"),),
+                 "clean": (("clean", "wet", "sponge"),), "light": (("light", "plug", "X"),)}
+ROOM_ACTIONS = {"kitchen": {("open", "cabinet")}, "livingroom": {("toggle", "switch")}, "bedroom": {("open", "drawer")},
+                "bathroom": {("turnon", "tap")}, "office": {("toggle", "switch")} | {("unlock", r) for r in RECEPTACLES}}
+TRUE_SCOPE = {**{r: ("general", "", "") for r in GENERAL_RULES},
+              **{r: ("environment", room, "") for room in ROOMS for r in ENV_RULES[room]},
+              **{r: ("subtask", "", k) for k, rs in SUBTASK_RULES.items() for r in rs}}  # the 12 training rules
+Task = collections.namedtuple("Task", "room subtasks")  # subtasks: ((kind, object, receptacle or "none"), ...)
+
+
+def sample_task(rng, room):
+    subs, used = [], set()
+    for _ in range(rng.choice((1, 2))):
+        kind = rng.choice(KINDS)
+        obj = rng.choice([o for o in KIND_OBJECTS[kind] if o not in used] or KIND_OBJECTS[kind])
+        used.add(obj)
+        subs.append((kind, obj, rng.choice(PLACE_RECEPTACLES) if kind == "place" else "none"))
+    return Task(room, tuple(subs))
+
+
+def query_text(task):
+    return f"in the {task.room}: " + ", then ".join(f"{k} the {o}" + (f" in the {r}" if r != "none" else "")
+                                                   for k, o, r in task.subtasks)
+
+
+def core_actions(sub):
+    kind, obj, rec = sub
+    return {"heat": [("take", obj), ("put", "microwave"), ("heat", obj)], "clean": [("take", obj), ("clean", obj)],
+            "cool": [("take", obj), ("put", "fridge"), ("cool", obj)], "slice": [("slice", obj)],
+            "place": [("take", obj), ("put", rec)], "light": [("light", obj)], "fill": [("take", obj), ("fill", obj)]}[kind]
+
+
+def hidden_rules(room, kind):
+    return GENERAL_RULES + ENV_RULES[room] + SUBTASK_RULES.get(kind, ())
+
+
+def needed(rule, arg):
+    """The action a rule asks for before a trigger whose argument is `arg`."""
+    return (rule[1], arg if rule[2] == "X" else rule[2])
+
+
+def admissible(task):
+    """Precondition-type actions valid in this episode (any other action that is not a step of the task aborts it)."""
+    objs = {o for _, o, _ in task.subtasks}
+    acts = {("goto", x) for x in objs | set(RECEPTACLES)} | {("open", r) for r in RECEPTACLES}
+    acts |= {("toggle", "microwave"), ("grab", "knife"), ("wet", "sponge")} | {("plug", o) for o in objs & {"lamp", "lantern"}}
+    return acts | ROOM_ACTIONS[task.room]
+
+
+def needs_new_rule(task):
+    """Some rule this task triggers holds in no training scope (the out-of-domain 'new' group)."""
+    return any(r not in TRUE_SCOPE for s in task.subtasks for v, _ in core_actions(s)
+               for r in hidden_rules(task.room, s[0]) if r[0] == v)
+
+
+def execute(task, plan):
+    """Run a plan. A core action whose hidden precondition has not run fails with an error and no effect; an action
+    that is neither admissible nor a step of the task aborts. steps: (verb, arg, subtask index or -1, ok)."""
+    adm, cores = admissible(task), [core_actions(s) for s in task.subtasks]
+    ptr, done, steps, aborted = [0] * len(cores), set(), [], False
+    for v, a in plan:
+        if v in PRE_VERBS and (v, a) in adm:
+            done.add((v, a))
+            steps.append((v, a, -1, True))
+            continue
+        si = next((i for i, c in enumerate(cores) if ptr[i] < len(c) and c[ptr[i]] == (v, a)), None)
+        if si is None:  # out of order (an earlier step of its subtask failed): an error; not in the task: abort
+            si = next((i for i, c in enumerate(cores) if (v, a) in c), None)
+            if si is None:
+                aborted = True
+                break
+            steps.append((v, a, si, False))
+            continue
+        ok = all(needed(r, a) in done for r in hidden_rules(task.room, task.subtasks[si][0]) if r[0] == v)
+        ptr[si] += ok
+        done |= {(v, a)} if ok else set()
+        steps.append((v, a, si, ok))
+    return {"room": task.room, "kinds": [s[0] for s in task.subtasks], "query": query_text(task), "steps": steps,
+            "met": sum(ptr), "total": sum(map(len, cores)), "success": sum(ptr) == sum(map(len, cores)), "aborted": aborted}
+
+
+def explore(rng, task, p):
+    """Exploration policy: the task's core actions, each preceded by every admissible action with probability p."""
+    adm, plan = sorted(admissible(task)), []
+    for act in (c for s in task.subtasks for c in core_actions(s)):
+        extra = [x for x in adm if rng.random() < p]
+        rng.shuffle(extra)
+        plan += extra + [act]
+    return execute(task, plan)
+
+
+def parse_user_tasks(ds, path):
+    tasks = []
+    for i, row in enumerate(ds, 1):
+        require(row["room"] in ROOMS + (OOD_ROOM,), f"--data {path}, row {i}: unknown room '{row['room']}'")
+        words = [str(s).split() for s in row["subtasks"]]
+        for w in words:
+            require(len(w) in (2, 3) and w[0] in KIND_OBJECTS and w[1] in KIND_OBJECTS[w[0]] and (len(w) == 3) == (
+                w[0] == "place") and (len(w) == 2 or w[2] in PLACE_RECEPTACLES), f"--data {path}, row {i}: bad subtask {w}")
+        require(1 <= len(words) <= 2, f"--data {path}, row {i}: give 1 or 2 subtasks")
+        tasks.append(Task(row["room"], tuple((w[0], w[1], w[2] if len(w) == 3 else "none") for w in words)))
+    return tasks
+
+
+# --- the paper's method: experience selector, insight generator, insight database, insight selector ---
+
+
+def embed_text(text, dim=64):
+    """e(t) = v / ||v||,  v[crc32(w) mod dim] += 1 for each word w of t  (a hashed bag of words)."""
+    v = np.zeros(dim, dtype=np.float32)
+    for w in re.findall(r"[a-z]+", text.lower()):
+        v[zlib.crc32(w.encode()) % dim] += 1
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def rule_text(rule, kind=""):
+    text = f"before {rule[0]} X, {rule[1]} {rule[2]}"
+    return f"{text} (TASK: {kind})" if kind else text  # subtask rules are named "<rule> (TASK: <name>)"
+
+
+def parse_rule(text):
+    m = re.match(r"^before (\w+) X, (\w+) (\w+)(?: \(TASK: \w+\))?$", text)
+    return m.groups() if m else None
+
+
+class InsightDB:
+    """Insights by scale in SQLite, one row per rule. Scores: ADD and MOVE set 2, AGREE adds 1, EDIT keeps it,
+    REMOVE subtracts 1 and a rule at 0 is dropped. Every update is one transaction; every query is parameterised."""
+
+    COLS = "id, scale, environment, subtask, rule, score, support, evidence, embedding"
+
+    def __init__(self, path=":memory:"):
+        self.con, self.successes = sqlite3.connect(path), []  # successes: the generator's experience pool
+        with self.con:
+            self.con.executescript("""
+            CREATE TABLE IF NOT EXISTS insights (id INTEGER PRIMARY KEY, scale TEXT NOT NULL, environment TEXT NOT NULL,
+                subtask TEXT NOT NULL, rule TEXT NOT NULL, score INTEGER NOT NULL, support INTEGER NOT NULL,
+                evidence TEXT NOT NULL, embedding BLOB NOT NULL);
+            CREATE INDEX IF NOT EXISTS insights_scope ON insights (scale, environment, subtask);
+            CREATE TABLE IF NOT EXISTS experiences (id INTEGER PRIMARY KEY, room TEXT NOT NULL, query TEXT NOT NULL,
+                success INTEGER NOT NULL, trajectory TEXT NOT NULL);""")
+
+    def _update(self, sql, *args):
+        with self.con:  # one transaction: committed, or rolled back on error
+            return self.con.execute(sql, args)
+
+    def _row(self, r):
+        return dict(zip(self.COLS.split(", "), r[:7]), evidence=json.loads(r[7]), embedding=np.frombuffer(r[8], np.float32))
+
+    def close(self):
+        self.con.close()
+
+    def get(self, rid):
+        r = self.con.execute(f"SELECT {self.COLS} FROM insights WHERE id = ?", (rid,)).fetchone()
+        return self._row(r) if r else None
+
+    def select(self, scale=None, environment=None, subtask=None):
+        """Rows matching the given keys (None: any), best score first."""
+        keys = [(c, v) for c, v in (("scale", scale), ("environment", environment), ("subtask", subtask)) if v is not None]
+        where = " WHERE " + " AND ".join(f"{c} = ?" for c, _ in keys) if keys else ""
+        return [self._row(r) for r in self.con.execute(f"SELECT {self.COLS} FROM insights{where} ORDER BY score DESC, id",
+                                                       [v for _, v in keys])]
+
+    def add(self, scale, environment, subtask, rule, support=1, evidence=None):
+        return self._update("INSERT INTO insights (scale, environment, subtask, rule, score, support, evidence, embedding) "
+                            "VALUES (?, ?, ?, ?, 2, ?, ?, ?)", scale, environment, subtask, rule, support,
+                            json.dumps(evidence or {}), embed_text(rule).tobytes()).lastrowid
+
+    def agree(self, rid, evidence=None):
+        self._update("UPDATE insights SET score = score + 1, support = support + 1, evidence = COALESCE(?, evidence) "
+                     "WHERE id = ?", None if evidence is None else json.dumps(evidence), rid)
+
+    def edit(self, rid, rule):
+        self._update("UPDATE insights SET rule = ?, embedding = ? WHERE id = ?", rule, embed_text(rule).tobytes(), rid)
+
+    def remove(self, rid):
+        with self.con:
+            self.con.execute("UPDATE insights SET score = score - 1 WHERE id = ?", (rid,))
+            self.con.execute("DELETE FROM insights WHERE id = ? AND score <= 0", (rid,))
+
+    def move(self, rid, scale, environment, subtask, rule, evidence=None):
+        self._update("UPDATE insights SET scale = ?, environment = ?, subtask = ?, rule = ?, embedding = ?, score = 2, "
+                     "evidence = COALESCE(?, evidence) WHERE id = ?", scale, environment, subtask, rule,
+                     embed_text(rule).tobytes(), None if evidence is None else json.dumps(evidence), rid)
+
+    def add_experiences(self, episodes):
+        with self.con:
+            self.con.executemany("INSERT INTO experiences (room, query, success, trajectory) VALUES (?, ?, ?, ?)",
+                                 [(e["room"], e["query"], int(e["success"]), json.dumps(e["steps"])) for e in episodes])
+
+
+def select_experiences(episodes, mode="pair"):
+    """success: [(s, None)] per success. pair: each success s with f*(s) = argmax_f cos(e(q_s), e(q_f))."""
+    wins, fails = [e for e in episodes if e["success"]], [e for e in episodes if not e["success"] and not e["aborted"]]
+    if mode == "success" or not fails or not wins:
+        return [(s, None) for s in wins]
+    sim = np.stack([embed_text(s["query"]) for s in wins]) @ np.stack([embed_text(f["query"]) for f in fails]).T  # (S, F)
+    return [(s, fails[j]) for s, j in zip(wins, sim.argmax(1))]  # ties: the first failure
+
+
+def contrast_pair(success, failure):
+    """The failure's first failing core action (v, a_f); the steps the success ran right before its own v-action (since
+    its previous core action) that the failure had not run before failing.
+    Returns [(rule with the success's argument, argument == the trigger's, subtask kind)]."""
+    i = next((i for i, st in enumerate(failure["steps"]) if st[2] >= 0 and not st[3]), None)
+    if i is None:
+        return []
+    (v, a_f), done_f, seg = failure["steps"][i][:2], {st[:2] for st in failure["steps"][:i] if st[3]}, []
+    for pv, pa, si, ok in success["steps"]:
+        if si < 0:
+            seg.append((pv, pa))
+        elif pv == v:
+            return [((v, qv, qa), qa == pa, success["kinds"][si]) for qv, qa in dict.fromkeys(seg)
+                    if (qv, a_f if qa == pa else qa) not in done_f]
+        else:
+            seg = []
+    return []
+
+
+def success_candidates(success):
+    """Success mode: each step a success ran right before each of its core actions is a candidate rule."""
+    out, seg = [], []
+    for v, a, si, ok in success["steps"]:
+        if si >= 0:
+            out += [((v, qv, qa), qa == a, success["kinds"][si]) for qv, qa in dict.fromkeys(seg)]
+        seg = seg + [(v, a)] if si < 0 else []
+    return out
+
+
+def scale_of(evidence):
+    """general if seen in >= 2 rooms and >= 2 kinds; environment if in one room; else subtask."""
+    rooms, kinds = evidence["rooms"], evidence["kinds"]
+    if len(rooms) >= 2 and len(kinds) >= 2:
+        return "general", "", ""
+    return ("environment", rooms[0], "") if len(rooms) == 1 else ("subtask", "", kinds[0])
+
+
+def pool_index(successes):
+    """trigger verb -> [(room, kind, argument, actions done before it)] over every success in the pool."""
+    index = collections.defaultdict(list)
+    for ep in successes:
+        done = set()
+        for v, a, si, ok in ep["steps"]:
+            if si >= 0:
+                index[v].append((ep["room"], ep["kinds"][si], a, frozenset(done)))
+            done.add((v, a))
+    return index
+
+
+def refuted(rule, scope, index):
+    """Some success inside the scope ran the trigger without the precondition having run before it."""
+    scale, env, kind = scope
+    return any(needed(rule, a) not in done for room, k, a, done in index.get(rule[0], ())
+               if (scale != "environment" or room == env) and (scale != "subtask" or k == kind))
+
+
+def generate_insights(db, batches, scoped=True):
+    """ADD / AGREE / EDIT / REMOVE / MOVE for each batch of (success, failure or None), one operation per rule per
+    batch. scoped=False: the ExpeL-like flat store (one scale). Returns the operation counts."""
+    ops, flat = collections.Counter(), ("general", "", "")
+    for batch in batches:
+        db.successes += [s for s, _ in batch]
+        index, cands, touched = pool_index(db.successes), {}, set()
+        for s, f in batch:
+            for rule, same, kind in (contrast_pair(s, f) if f is not None else success_candidates(s)):
+                ev = cands.setdefault((rule, same), {"rooms": set(), "kinds": set()})
+                ev["rooms"].add(s["room"])
+                ev["kinds"].add(kind)
+        for r in db.select():  # REMOVE: refuted by a success of the pool inside the rule's scope
+            if refuted(parse_rule(r["rule"]), (r["scale"], r["environment"], r["subtask"]), index):
+                db.remove(r["id"])
+                touched.add(r["id"])
+                ops["REMOVE"] += 1
+        rows = {parse_rule(r["rule"]): r for r in db.select()}
+        for (rule, same), ev in sorted(cands.items()):
+            general = (rule[0], rule[1], "X")
+            target = (rows.get(general) if same else None) or rows.get(rule)
+            sibling = same and target is None and next((r for k, r in sorted(rows.items()) if k[:2] == rule[:2] and
+                                                        k[2] not in ("X", rule[2]) and r["evidence"].get("same")), None)
+            if sibling:  # EDIT: a concrete rule whose argument was its trigger's; a second argument agrees -> "X"
+                if sibling["id"] not in touched:
+                    db.edit(sibling["id"], rule_text(general, sibling["subtask"]))
+                    rows[general] = rows.pop(parse_rule(sibling["rule"]))
+                    touched.add(sibling["id"])
+                    ops["EDIT"] += 1
+                continue
+            if target is None:  # ADD at the scale its evidence implies, unless a success already refutes it there
+                ev = {"rooms": sorted(ev["rooms"]), "kinds": sorted(ev["kinds"]), "same": same}
+                scope = scale_of(ev) if scoped else flat
+                cand = next((c for c in ((rule, general) if same else (rule,)) if not refuted(c, scope, index)), None)
+                if cand:
+                    rows[cand] = db.get(db.add(*scope, rule_text(cand, scope[2]), len(ev["rooms"]), ev))
+                    touched.add(rows[cand]["id"])
+                    ops["ADD"] += 1
+                continue
+            if target["id"] in touched:
+                continue
+            old = target["evidence"]
+            ev = {"rooms": sorted(set(old["rooms"]) | ev["rooms"]), "kinds": sorted(set(old["kinds"]) | ev["kinds"]),
+                  "same": old["same"]}
+            scope = scale_of(ev) if scoped else flat
+            if scope != (target["scale"], target["environment"], target["subtask"]):  # MOVE to the scale it now has
+                db.move(target["id"], *scope, rule_text(parse_rule(target["rule"]), scope[2]), ev)
+                ops["MOVE"] += 1
+            else:
+                db.agree(target["id"], ev)
+                ops["AGREE"] += 1
+            touched.add(target["id"])
+            rows[parse_rule(target["rule"])] = db.get(target["id"])
+    return dict(ops)
+
+
+def select_insights(db, task, mode="hashmap", budget=8):
+    """Rule texts for the planner's context, at most `budget` lines. hashmap / vector: general + environment(room) by
+    score, then subtask rules looked up by the task's subtask names (hashmap) or ranked by cos(e(query), e(rule))
+    (vector). general: general rules only. flat: every rule by score. none: nothing."""
+    if mode in ("none", "flat"):
+        return [r["rule"] for r in db.select()][:budget] if mode == "flat" else []
+    rules = db.select("general", "", "") + (db.select("environment", task.room, "") if mode != "general" else [])
+    if mode == "hashmap":
+        rules += sorted((r for k in dict.fromkeys(s[0] for s in task.subtasks) for r in db.select("subtask", "", k)),
+                        key=lambda r: (-r["score"], r["id"]))
+    elif mode == "vector":
+        q = embed_text(query_text(task))  # (64,)
+        rules += sorted(db.select("subtask"), key=lambda r: (-float(q @ r["embedding"]), r["id"]))
+    elif mode != "general":
+        raise ValueError(f"unknown selection mode {mode}")
+    return [r["rule"] for r in rules][:budget]
+
+
+def success_rate_and_gc(episodes):
+    """SR = mean over episodes of 1[met == total];  GC = sum(met) / sum(total)."""
+    if not episodes:
+        return 0.0, 0.0
+    return (sum(e["met"] == e["total"] for e in episodes) / len(episodes),
+            sum(e["met"] for e in episodes) / sum(e["total"] for e in episodes))
+
+
+# --- model: the planner reads the task and the rule lines, writes the plan ---
+
+VOCAB = ("<pad>", "<rules>", "<plan>", "<eos>") + tuple(dict.fromkeys(
+    ROOMS + (OOD_ROOM, "unk", "none") + KINDS + CORE_VERBS + PRE_VERBS + PRE_ARGS))
+TOK = {w: i for i, w in enumerate(VOCAB)}  # a closed symbol table: one id per word
+PAD, RULES_TOK, PLAN_TOK, EOS = range(4)
+
+
+def encode_prompt(task, rules, hide_room=False):
+    """One position per item, a triple of word ids each: (room), (kind, object, receptacle) x 2, <rules>,
+    (trigger, pre-verb, pre-argument) per rule line, <plan>."""
+    subs = list(task.subtasks) + [("none", "none", "none")] * (2 - len(task.subtasks))
+    items = [("unk" if hide_room else task.room, "<pad>", "<pad>")] + subs + [("<rules>", "<pad>", "<pad>")]
+    return [tuple(TOK[w] for w in item) for item in items + list(rules) + [("<plan>", "<pad>", "<pad>")]]
+
+
+def expand_plan(task, rules):
+    """The demonstrated plan: before each core action, what each context rule it triggers asks for, in context order."""
+    return [act for s in task.subtasks for v, a in core_actions(s)
+            for act in [needed(r, a) for r in rules if r[0] == v] + [(v, a)]]
+
+
+def assemble_plan(steps, rules):
+    """The executed plan: for each written core step, the pointed rule lines' actions ('X': its argument), then it."""
+    return [act for (v, a), chosen in steps for act in [needed(rules[j], a) for j in chosen] + [(v, a)]]
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head, self.ln1, self.ln2 = n_head, nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x, mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x)), (k, v)
+
+
+class Planner(nn.Module):
+    """Decoder-only transformer over item triples: heads write the next core action's verb and argument, and a pointer
+    head picks the rule lines to carry out before the core step just written."""
+
+    def __init__(self, d, n_layer, n_head, max_len):
+        super().__init__()
+        self.fields = nn.ModuleList(nn.Embedding(len(VOCAB), d) for _ in range(3))
+        self.pos = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
+        self.ln, self.verb_head, self.arg_head = nn.LayerNorm(d), nn.Linear(d, len(VOCAB)), nn.Linear(d, len(VOCAB))
+        self.ptr_q, self.ptr_k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, idx, pos, mask=None, cache=None):
+        x = sum(emb(idx[..., i]) for i, emb in enumerate(self.fields)) + self.pos(pos)  # (B, T, d)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, mask, None if cache is None else cache[i])
+            new_cache.append(kv)
+        h = self.ln(x)  # (B, T, d)
+        return self.verb_head(h), self.arg_head(h), h, new_cache
+
+    def pointer(self, h_step, h_lines):
+        """s_tj = (W_q h_t) . (W_k h_j) / sqrt(d): the logit that rule line j applies before step t.  (B, T, L)"""
+        return self.ptr_q(h_step) @ self.ptr_k(h_lines).transpose(1, 2) / math.sqrt(h_step.shape[-1])
+
+
+@torch.no_grad()
+def generate(model, prompts, n_lines, device, max_steps):
+    """Greedy decoding with a KV cache; prompts left-padded, positions count real items only.
+    Returns per prompt [((verb, arg), [indices of the rule lines pointed at]), ...] up to <eos>."""
+    B, T, L = len(prompts), max(map(len, prompts)), max(n_lines + [1])
+    idx, valid = torch.zeros(B, T, 3, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
+    idx, valid = idx.to(device), valid.to(device)
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+    mask = (torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None] & valid[:, None, :]) | \
+        torch.eye(T, dtype=torch.bool, device=device)[None]  # (B, T, T): causal, padding masked, self always
+    with autocast(device):
+        vl, al, h, cache = model(idx, pos, mask[:, None])
+    lines = torch.tensor([[T - 1 - n + min(j, n - 1) if n else 0 for j in range(L)] for n in n_lines], device=device)
+    line_ok = torch.arange(L, device=device)[None] < torch.tensor(n_lines, device=device)[:, None]  # (B, L)
+    h_lines = h.gather(1, lines[..., None].expand(-1, -1, h.shape[-1])).float()  # (B, L, d)
+    cur, out, alive = pos[:, -1:], [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=device)
+    for _ in range(max_steps):
+        verb, arg = vl[:, -1].argmax(-1), al[:, -1].argmax(-1)  # (B,) each
+        alive &= verb != EOS
+        if not bool(alive.any()):
+            break
+        valid, cur = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1), cur + 1
+        with autocast(device):
+            vl, al, h, cache = model(torch.stack([verb, arg, torch.zeros_like(verb)], 1)[:, None],
+                                     cur.clamp(max=model.pos.num_embeddings - 1), valid[:, None, None], cache)
+        chosen = (model.pointer(h.float(), h_lines)[:, 0] > 0) & line_ok  # (B, L): lines to run before this step
+        for i in alive.nonzero()[:, 0].tolist():
+            out[i].append(((VOCAB[verb[i]], VOCAB[arg[i]]), chosen[i].nonzero()[:, 0].tolist()))
+    return out
+
+
+# --- training and evaluation ---
+
+
+def random_rules(rng, task, n_lines):
+    """n_lines distinct random rules; about half trigger on one of the task's core verbs."""
+    verbs, rules = [v for s in task.subtasks for v, _ in core_actions(s)], []
+    while len(rules) < n_lines:
+        r = (rng.choice(verbs if rng.random() < 0.5 else CORE_VERBS), rng.choice(PRE_VERBS), rng.choice(PRE_ARGS))
+        rules += [r] if r not in rules else []
+    return rules
+
+
+def make_batch(rng, cfg):
+    """Demonstrations with random rule lines. Targets: the next core action (verb, argument) and, at each core step,
+    which lines it triggers. One number of lines per batch, so the lines sit at positions 4 .. 4+n-1 in every row."""
+    n = min(cfg.max_lines, rng.randint(0, 12) if rng.random() < 0.7 else rng.randint(13, max(13, cfg.max_lines)))
+    rows = []
+    for _ in range(cfg.batch_size):
+        task = sample_task(rng, rng.choice(ROOMS + (OOD_ROOM,)))
+        rules, core = random_rules(rng, task, n), [c for s in task.subtasks for c in core_actions(s)]
+        rows.append((encode_prompt(task, rules, rng.random() < 0.15) + [(TOK[v], TOK[a], PAD) for v, a in core]
+                     + [(EOS, PAD, PAD)], core, rules))
+    P, T = 5 + n, max(len(s) for s, _, _ in rows)  # the plan starts at position P
+    x = torch.zeros(len(rows), T - 1, 3, dtype=torch.long)
+    y = torch.full((len(rows), T - 1, 2), -1, dtype=torch.long)
+    ptr = torch.full((len(rows), T - 1, max(n, 1)), -1.0)
+    for i, (s, core, rules) in enumerate(rows):
+        s = torch.tensor(s)  # (len, 3)
+        x[i, :len(s) - 1], y[i, P - 1:len(s) - 1] = s[:-1], s[P:, :2]  # next core action or <eos>
+        for t, (v, _) in enumerate(core):  # position P + t holds core step t
+            ptr[i, P + t, :n] = torch.tensor([float(r[0] == v) for r in rules])
+    y[..., 1][y[..., 0] == EOS] = -1  # <eos> has no argument
+    return x, y, ptr, n
+
+
+def train_planner(cfg, device, max_len):
+    rng = random.Random(cfg.seed + 1)
+    model = Planner(cfg.d_model, cfg.n_layer, cfg.n_head, max_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    warm = max(1, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
+    log(f"planner: {sum(p.numel() for p in model.parameters())} parameters")
+    start, n_seen, hits = time.time(), 0, []
+    for step in range(1, cfg.steps + 1):
+        x, y, ptr, n = (t.to(device) if torch.is_tensor(t) else t for t in make_batch(rng, cfg))
+        with autocast(device):
+            vl, al, h, _ = model(x, torch.arange(x.shape[1], device=device)[None])  # (B, T, V), (B, T, V), (B, T, d)
+            logits_ptr = model.pointer(h, h[:, 4:4 + max(n, 1)])  # (B, T, L)
+        # L = CE(verb) + CE(argument) of the next core action + BCE(pointer), plan steps only (targets -1 elsewhere)
+        loss_verb = F.cross_entropy(vl.float().flatten(0, 1), y[..., 0].flatten(), ignore_index=-1)
+        loss_arg = F.cross_entropy(al.float().flatten(0, 1), y[..., 1].flatten(), ignore_index=-1)
+        keep = ptr >= 0
+        loss_ptr = F.binary_cross_entropy_with_logits(logits_ptr.float()[keep], ptr[keep]) if n else torch.zeros((), device=device)
+        check_finite(step, loss_verb=loss_verb.item(), loss_arg=loss_arg.item(), loss_ptr=loss_ptr.item())
+        opt.zero_grad(set_to_none=True)
+        (loss_verb + loss_arg + loss_ptr).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        n_seen += x.shape[0]
+        hit = ((vl.argmax(-1) == y[..., 0]) | (y[..., 0] < 0)) & ((al.argmax(-1) == y[..., 1]) | (y[..., 1] < 0))
+        hits.append((hit & (((logits_ptr > 0).float() == ptr) | (ptr < 0)).all(-1)).all(1).float().mean().item())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_progress(step, cfg.steps, start, loss_verb=loss_verb.item(), loss_arg=loss_arg.item(),
+                         loss_ptr=loss_ptr.item(), plan_exact=float(np.mean(hits[-cfg.log_every:])),
+                         samples_per_s=n_seen / (time.time() - start))
+    return model.eval(), float(np.mean(hits[-cfg.log_every:]))
+
+
+def evaluate(model, device, db, tasks, mode, budget, hide_room=False, max_steps=8):
+    """Select insights, plan each task with them in context, execute; returns the episodes."""
+    eps = []
+    for lo in range(0, len(tasks), 512):
+        chunk = [(t, [p for p in map(parse_rule, select_insights(db, t, mode, budget)) if p]) for t in tasks[lo:lo + 512]]
+        plans = generate(model, [encode_prompt(t, r, hide_room) for t, r in chunk], [len(r) for _, r in chunk],
+                         device, max_steps)
+        eps += [execute(t, assemble_plan(steps, rules)) for (t, rules), steps in zip(chunk, plans)]
+    return eps
+
+
+def build_db(path, episodes, mode, batch, scoped=True):
+    if path != ":memory:" and os.path.exists(path):
+        os.remove(path)
+    db, pairs = InsightDB(path), select_experiences(episodes, mode)
+    ops = generate_insights(db, [pairs[i:i + batch] for i in range(0, len(pairs), batch)], scoped)
+    return db, {"experiences": len(pairs), "ops": ops, "insights": len(db.select())}
+
+
+def implied(rule):
+    """A redundant chained rule: wherever its trigger occurs, the action it asks for is already required earlier."""
+    hits = []
+    for room, kind in ((r, k) for r in ROOMS for k in KINDS):
+        core = core_actions((kind, KIND_OBJECTS[kind][0], "box"))
+        for t, (v, a) in enumerate(core):
+            if v == rule[0]:
+                before = {needed(r, b) for w, b in core[:t] for r in hidden_rules(room, kind) if r[0] == w}
+                hits.append(needed(rule, a) in before | set(core[:t]))
+    return bool(hits) and all(hits)
+
+
+def rule_recall(db):
+    """Induced rules (score >= 1) against the 12 hidden training rules."""
+    got = {parse_rule(r["rule"]): (r["scale"], r["environment"], r["subtask"]) for r in db.select()}
+    spurious = [r for r in got if r not in TRUE_SCOPE]
+    return {"hidden": len(TRUE_SCOPE), "induced": len(got),
+            "recall_any_scale": sum(r in got for r in TRUE_SCOPE) / len(TRUE_SCOPE),
+            "recall_right_scale": sum(got.get(r) == s for r, s in TRUE_SCOPE.items()) / len(TRUE_SCOPE),
+            "missed": [rule_text(r) for r in TRUE_SCOPE if r not in got],
+            "wrong_scale": [rule_text(r) for r, s in TRUE_SCOPE.items() if r in got and got[r] != s],
+            "spurious_redundant_chained": sum(map(implied, spurious)),
+            "spurious_other": sum(not implied(r) for r in spurious), "spurious_examples": list(map(rule_text, spurious[:6]))}
+
+
+ARMS = {"none": ("msi", "none"), "flat": ("flat", "flat"), "general_only": ("msi", "general"),
+        "msi_hashmap": ("msi", "hashmap"), "msi_vector": ("msi", "vector"), "msi_success_mode": ("success", "hashmap"),
+        "flat_msi_rules": ("msi", "flat")}  # arm: (insight store, selection); flat_msi_rules: MSI's rules, unscoped
+
+
+def run_seed(cfg, model, device, seed, test_in, out_db):
+    """Exploration, three insight stores, every arm in and out of domain, the budget sweep and the domain shift."""
+    rng = random.Random(seed)
+    episodes = [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p) for _ in range(cfg.explore_episodes)]
+    dbs, info = {}, {"explore_sr": success_rate_and_gc(episodes)[0]}
+    for name, mode, scoped in (("msi", "pair", True), ("success", "success", True), ("flat", "pair", False)):
+        dbs[name], info[name] = build_db(out_db if name == "msi" else ":memory:", episodes, mode, cfg.pair_batch, scoped)
+    dbs["msi"].add_experiences(episodes)
+    test_in = test_in or [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
+    test_ood = [sample_task(rng, OOD_ROOM) for _ in range(cfg.eval_episodes)]
+    new = [needs_new_rule(t) for t in test_ood]
+    res = {"arms": {}, "induction": info, "recall": {n: rule_recall(dbs[n]) for n in ("msi", "success", "flat")},
+           "msi_rules": [f"[{r['scale']} {r['environment'] or r['subtask']} | {r['score']}] {r['rule']}"
+                         for r in dbs["msi"].select()]}
+    for arm, (store, mode) in ARMS.items():
+        ins, ood = (evaluate(model, device, dbs[store], ts, mode, cfg.budget) for ts in (test_in, test_ood))
+        (sr, gc), (sr_o, gc_o) = success_rate_and_gc(ins), success_rate_and_gc(ood)
+        res["arms"][arm] = {"sr": sr, "gc": gc, "sr_ood": sr_o, "gc_ood": gc_o,
+                            "sr_ood_shared": success_rate_and_gc([e for e, b in zip(ood, new) if not b])[0],
+                            "sr_ood_new": success_rate_and_gc([e for e, b in zip(ood, new) if b])[0]}
+    sr_h, gc_h = success_rate_and_gc(evaluate(model, device, dbs["msi"], test_in, "hashmap", cfg.budget, hide_room=True))
+    res["room_hidden"] = {"sr": sr_h, "gc": gc_h, "sr_room_shown": res["arms"]["msi_hashmap"]["sr"]}
+    res["budget_sweep"] = {b: {arm: success_rate_and_gc(evaluate(model, device, dbs[ARMS[arm][0]], test_in, ARMS[arm][1],
+                                                                 int(b)))[0] for arm in ARMS if arm != "none"}
+                           for b in cfg.sweep.split(",")}
+    for db in dbs.values():
+        db.close()
+    # sequential domain shift: insights built kitchen -> livingroom -> bedroom, tested on the kitchen each time
+    test_k, res["domain_shift"] = [sample_task(rng, "kitchen") for _ in range(cfg.eval_episodes)], {}
+    stages = [[explore(rng, sample_task(rng, room), cfg.explore_p) for _ in range(cfg.shift_episodes)]
+              for room in ("kitchen", "livingroom", "bedroom")]
+    for name, scoped, mode in (("msi", True, "hashmap"), ("flat", False, "flat")):
+        db, srs = InsightDB(":memory:"), []
+        for eps in stages:
+            pairs = select_experiences(eps, "pair")
+            generate_insights(db, [pairs[i:i + cfg.pair_batch] for i in range(0, len(pairs), cfg.pair_batch)], scoped)
+            srs.append(success_rate_and_gc(evaluate(model, device, db, test_k, mode, cfg.budget))[0])
+        res["domain_shift"][name] = {"sr_kitchen": srs[0], "sr_plus_livingroom": srs[1], "sr_plus_bedroom": srs[2],
+                                     "sr_drop": srs[0] - srs[2]}
+        db.close()
+    return res
+
+
+def mean_tree(trees):
+    """Average the numbers of several results trees with the same shape; anything else is taken from the first."""
+    if isinstance(trees[0], dict):
+        return {k: mean_tree([t[k] for t in trees]) for k in trees[0]}
+    return float(np.mean(trees)) if isinstance(trees[0], (int, float)) and not isinstance(trees[0], bool) else trees[0]
+
+
+def run(cfg):
+    if cfg.smoke:
+        cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 15), batch_size=16, d_model=32, seeds=1, explore_episodes=150,
+                                  eval_episodes=16, sweep="3,8", experience_sweep="50", shift_episodes=50, log_every=5)
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    log(f"config: {dataclasses.asdict(cfg)}")
+    t0, cpu0 = time.time(), time.process_time()
+    os.makedirs(cfg.out, exist_ok=True)
+    test_in = parse_user_tasks(load_user_data(cfg.data, ["room", "subtasks"]), cfg.data) if cfg.data else None
+    model, plan_exact = train_planner(cfg, device, max_len=5 + cfg.max_lines + 9)
+    train_cpu = time.process_time() - cpu0
+    seeds = [run_seed(cfg, model, device, cfg.seed + 1000 * k, test_in, os.path.join(cfg.out, "insights.sqlite")
+                      if k == 0 else ":memory:") for k in range(cfg.seeds)]
+    res = mean_tree(seeds)
+    for arm in ARMS:  # spread over seeds
+        res["arms"][arm].update({f"{m}_seeds": [s["arms"][arm][m] for s in seeds] for m in ("sr", "sr_ood")})
+    for name in ("msi", "flat"):
+        res["domain_shift"][name]["sr_drop_seeds"] = [s["domain_shift"][name]["sr_drop"] for s in seeds]
+    # induction needs experience: the MSI store and its hashmap SR against the number of exploration episodes (seed 0)
+    rng, exp_sweep = random.Random(cfg.seed + 7), {}
+    test = [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
+    for n in cfg.experience_sweep.split(","):
+        db, info = build_db(":memory:", [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p)
+                                         for _ in range(int(n))], "pair", cfg.pair_batch)
+        rec = rule_recall(db)
+        exp_sweep[n] = {"insights": info["insights"], "recall_right_scale": rec["recall_right_scale"],
+                        "sr_hashmap": success_rate_and_gc(evaluate(model, device, db, test, "hashmap", cfg.budget))[0]}
+        db.close()
+    cpu = time.process_time() - cpu0
+    results = {"config": dataclasses.asdict(cfg), "arms": res["arms"], "domain_shift": res["domain_shift"],
+               "budget_sweep": res["budget_sweep"], "room_hidden": res["room_hidden"], "recall": seeds[0]["recall"],
+               "recall_mean": {n: {k: v for k, v in r.items() if isinstance(v, float)} for n, r in res["recall"].items()},
+               "induction": res["induction"], "experience_sweep": exp_sweep, "msi_rules_seed0": seeds[0]["msi_rules"],
+               "planner_plan_exact": plan_exact, "train_cpu_s": train_cpu, "cpu_time_s": cpu, "wall_time_s": time.time() - t0}
+    log(f"{'arm':>16} | {'SR':>5} {'GC':>5} | {'SR_ood':>6} {'GC_ood':>6} | SR per seed")
+    for arm, a in results["arms"].items():
+        log(f"{arm:>16} | {a['sr']:.3f} {a['gc']:.3f} | {a['sr_ood']:.4f} {a['gc_ood']:.4f} | "
+            + " ".join(f"{x:.3f}" for x in a["sr_seeds"]))
+    log(f"msi_hashmap, room hidden from the planner: SR {results['room_hidden']['sr']:.3f} "
+        f"(shown {results['room_hidden']['sr_room_shown']:.3f})")
+    for b, row in results["budget_sweep"].items():
+        log(f"budget {b:>2}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    for name, d in results["domain_shift"].items():
+        log(f"domain shift {name}: kitchen SR {d['sr_kitchen']:.3f} -> +livingroom {d['sr_plus_livingroom']:.3f} "
+            f"-> +bedroom {d['sr_plus_bedroom']:.3f} (drop {d['sr_drop']:.3f})")
+    log(f"recall (seed 0, MSI): {json.dumps(results['recall']['msi'])}")
+    log(f"experience sweep: {json.dumps(exp_sweep)}")
+    log(f"CPU {cpu:.0f}s (planner {train_cpu:.0f}s), wall {time.time() - t0:.0f}s")
+    save_json(os.path.join(cfg.out, "results.json"), results)
+    return results
+
+
+def main(argv=None):
+    return run_cli(Config, run, argv)
+
+
+if __name__ == "__main__":
+    main()
