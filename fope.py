@@ -1,13 +1,12 @@
 """Fourier Position Embedding — arXiv 2412.17739 (https://arxiv.org/abs/2412.17739),
 with the Positional Heads analysis of arXiv 2410.08703 (https://arxiv.org/abs/2410.08703).
 
-RoPE rotates each 2-D slot k of q and k by the angle n·ω_k, so q'_m·k'_n depends only on m − n. FoPE argues
-that (1) slots whose period is longer than the training length never see a full cycle and are under-trained,
-so it clips them to frequency zero, and (2) linear layers leak energy between frequencies, so it makes
-every remaining slot a Fourier series over all kept frequencies instead of one pure frequency. Trained at
-length L_train, the attention then extends periodically beyond L_train. The Positional Heads paper (same
-group) measures, per head, which rotary slots carry the attention logit as the token distance grows, and
-ablates the heads whose long-distance logits sit in the high (low-frequency) slots.
+RoPE rotates each 2-D slot k of q and k by n·ω_k, so q'_m·k'_n depends only on m − n. FoPE argues that slots
+whose period exceeds the training length never see a full cycle (so it clips them to frequency zero), and that
+linear layers leak energy between frequencies (so every kept slot becomes a Fourier series over all kept
+frequencies). Attention then extends periodically beyond L_train. The Positional Heads paper (same group) asks
+which rotary slots carry each head's logit as the token distance grows, and ablates the heads whose
+long-distance logits sit in the high (low-frequency) slots.
 
 Key equations (d = head_dim, slot k pairs dims k and k + d/2, n = position):
     RoPE       ω_k = base^(−2k/d),  x' = x ⊙ cos(nω) + rotate_half(x) ⊙ sin(nω),  rotate_half([x1,x2]) = [−x2, x1]
@@ -35,22 +34,19 @@ measured run; README section has the two-seed table).
 RESULT
 
 Deviations from the paper (and its official OLMo-based code):
-- Toy scale: a 2-layer, d_model 128, 4-head decoder trained 1 k steps at length 64 on synthetic order-2
-  Markov filler with one passkey per sequence (the paper: OLMo 60M–1.2B on C4 at 512, passkey up to 8192).
-- The model is trained on passkey sequences (the answer token is in the loss); the paper evaluates passkey
-  retrieval on models pretrained on C4 (and fine-tuned) — a toy model sees no such task otherwise.
-- FS-only (no clipping) uses all d/2 slots (d' = d/2): the official code would cap d' at d/4 and keep every
-  other frequency (its step-eye init), which would also drop frequencies; we keep them so that
-  FoPE(σ=0, no clip) is exactly RoPE. With clipping the official cap d' = min(K, d/4) is kept (it does not
-  bind at the default: K = 5 ≤ 8).
-- Noise std: default is the official effective std σ·√(2/(d'(K+H))) (≈ 0.063 at σ = 0.3, d' = K = 5,
-  H = 4); `--fope-noise plain` uses std σ as the paper's text reads. σ = 0.3 as the paper's 60M model.
-- The frozen FoPE tables are precomputed once per length (the official code recomputes the einsum in every
-  forward; same values). `--fope-learn` makes the coefficients trainable (official flag, off by default).
-- Positional heads: the full text of arXiv 2410.08703 was not available; the score above is our
-  operationalisation, and the ablation uses held-out passkey sequences at the training length with the key
-  in the first half (distance ≥ L/2), the longest distances the model was trained on.
-- Perplexity counts only filler targets whose two previous tokens are filler (the order-2 context).
+- Toy scale: 2 layers, d_model 64, 2 heads of 32 dims, 1,000 steps at length 64 on order-2 Markov filler with
+  one passkey per sequence (paper: OLMo 60M–1.2B on C4 at 512, evaluated to 8192).
+- The passkey is in training (loss = filler NLL + answer NLL); a toy model sees no such task otherwise.
+- FS-only (no clipping) rotates all d/2 slots (d' = d/2) so that FoPE(σ=0, no clip) is exactly RoPE; the
+  official code would cap d' at d/4 with a stride-2 identity. With clipping the official cap is kept
+  (d' = min(K, d/4) = 5 here, so it does not bind).
+- Noise: the official effective std σ·√(2/(d'(K+H))) = 0.072 at σ = 0.3 (paper's 60M value), d' = K = 5,
+  H = 2; `--fope-noise plain` uses std σ as the paper's text reads.
+- The Fourier coefficients are always frozen (the official default; its flag to learn them is not offered), and
+  the tables are precomputed once per length (official: the einsum in every forward; same values).
+- Positional heads: the full text of arXiv 2410.08703 was not available; the score is our operationalisation,
+  and the ablation uses held-out passkeys at the training length with the needle at distance ≥ L/2.
+- Perplexity counts filler targets whose two previous tokens are filler (the order-2 context) only.
 """
 
 import argparse
@@ -102,7 +98,6 @@ class Config:
     rope_base: float = 10000.0  # RoPE base
     fope_sigma: float = 0.3  # FoPE noise scale σ (the xavier gain in the official code; paper 60M: 0.3)
     fope_noise: str = "xavier"  # xavier: std σ·sqrt(2/(d'(K+H))) as the official init; plain: std σ
-    fope_learn: bool = False  # train the Fourier coefficients (official default: frozen)
     vocab_filler: int = 32  # filler vocabulary of the order-2 Markov chain
     successors: int = 4  # successors per order-2 context
     top_heads: int = 1  # heads ablated in the positional-head analysis
@@ -110,25 +105,19 @@ class Config:
     plot: bool = False  # write fope.png (length vs perplexity / passkey) if matplotlib is installed
 
     def __post_init__(self):
-        require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        names = [m for m in self.methods.split(",") if m]
-        bad = [m for m in names if m not in METHODS]
-        require(names and not bad, f"--methods {self.methods}: unknown {bad}; choose from {','.join(METHODS)}")
-        for name in ("seeds", "train_len", "eval_seqs", "batch", "d_model", "n_layers", "n_heads",
-                     "vocab_filler", "successors", "top_heads", "random_draws"):
+        bad = [m for m in self.methods.split(",") if m not in METHODS]
+        require(not bad, f"--methods {self.methods}: unknown {bad}; choose from {','.join(METHODS)}")
+        for name in ("log_every", "seeds", "eval_seqs", "batch", "d_model", "n_layers", "n_heads", "vocab_filler",
+                     "successors", "top_heads", "random_draws"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
         require(self.train_len >= 8, f"--train-len {self.train_len}: must be at least 8")
-        require(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 4 == 0,
-                f"--d-model {self.d_model} / --n-heads {self.n_heads}: head_dim must be a multiple of 4")
-        require(2 * self.top_heads <= self.n_layers * self.n_heads, f"--top-heads {self.top_heads}: at most half the heads")
+        require(self.d_model % (4 * self.n_heads) == 0, f"--d-model {self.d_model}: head_dim must be a multiple of 4")
+        require(2 * self.top_heads <= self.n_layers * self.n_heads, f"--top-heads {self.top_heads}: at most half")
         require(self.successors <= self.vocab_filler, "--successors must be at most --vocab-filler")
-        require(self.lr > 0 and self.fope_sigma >= 0 and self.rope_base > 1, "--lr, --fope-sigma, --rope-base out of range")
+        require(self.lr > 0 and self.fope_sigma >= 0 and self.rope_base > 1, "--lr, --fope-sigma, --rope-base: range")
         require(self.fope_noise in ("xavier", "plain"), f"--fope-noise {self.fope_noise}: choose xavier or plain")
-        try:
-            lens = [int(x) for x in self.eval_lens.split(",") if x]
-        except ValueError:
-            lens = []
-        require(lens and min(lens) >= 8, f"--eval-lens {self.eval_lens}: comma-separated lengths ≥ 8")
+        require(re.fullmatch(r"\d+(,\d+)*", self.eval_lens) and min(map(int, self.eval_lens.split(","))) >= 8,
+                f"--eval-lens {self.eval_lens}: comma-separated lengths ≥ 8")
 
 
 # --- boilerplate: CLI, seeding, device, logging, files (the same text in every script) ---
@@ -265,7 +254,7 @@ N_VALUES = 16  # passkey values (chance 1/16 = 6.25%)
 
 
 def special_ids(vocab_filler):
-    """Token ids: filler 0..V−1, the 16 values V..V+15, then KEY and QUERY; returns (first value, KEY, QUERY, vocab)."""
+    """Ids: filler 0..V−1, the 16 values V..V+15, KEY, QUERY; returns (first value, KEY, QUERY, vocab size)."""
     return vocab_filler, vocab_filler + N_VALUES, vocab_filler + N_VALUES + 1, vocab_filler + N_VALUES + 2
 
 
@@ -283,18 +272,13 @@ def markov_filler(table, n, length, gen):
     x = torch.empty(n, length, dtype=torch.long)
     x[:, :2] = torch.randint(succ.shape[0], (n, 2), generator=gen)
     for t in range(2, length):  # data generation only (done once, before training)
-        a, b = x[:, t - 2], x[:, t - 1]
-        u = torch.rand(n, 1, generator=gen)
-        idx = (u > cum[a, b]).sum(-1).clamp_max(succ.shape[-1] - 1)  # (n,) sampled successor slot
-        x[:, t] = succ[a, b, idx]
+        a, b, u = x[:, t - 2], x[:, t - 1], torch.rand(n, 1, generator=gen)
+        x[:, t] = succ[a, b, (u > cum[a, b]).sum(-1).clamp_max(succ.shape[-1] - 1)]  # sampled successor
     return x
 
 
 def passkey_batch(table, n, length, gen, vocab_filler, key_max=None):
-    """n sequences: filler with `KEY v` inserted at position p ∈ [0, key_max], ending with `QUERY v`.
-
-    Returns x (n, length), p (n,) the KEY position (needle distance = length − 2 − p).
-    """
+    """n sequences (n, length): filler, `KEY v` inserted at p ∈ [0, key_max] (returned), ending `QUERY v`."""
     first_value, key, query, _ = special_ids(vocab_filler)
     filler = markov_filler(table, n, length - 4, gen)  # (n, L−4)
     key_max = length - 4 if key_max is None else min(key_max, length - 4)
@@ -303,8 +287,7 @@ def passkey_batch(table, n, length, gen, vocab_filler, key_max=None):
     t = torch.arange(length)[None]  # (1, L)
     src = torch.where(t < p[:, None], t, t - 2).clamp(0, length - 5)  # filler index at each position
     x = filler.gather(1, src)  # (n, L)
-    x = torch.where(t == p[:, None], key, x)
-    x = torch.where(t == p[:, None] + 1, v[:, None], x)
+    x = torch.where(t == p[:, None], key, torch.where(t == p[:, None] + 1, v[:, None], x))
     x[:, -2], x[:, -1] = query, v
     return x, p
 
@@ -315,15 +298,8 @@ def target_masks(x, vocab_filler, passkey=True):
     ppl = filler[:, 2:] & filler[:, 1:-1] & filler[:, :-2]  # (n, L−2): targets t ≥ 2
     ppl = torch.cat([torch.zeros_like(ppl[:, :1]), ppl], 1)  # (n, L−1): target t = 1 has no full context
     loss = ppl.clone()
-    if passkey:
-        loss[:, -1] = True  # the value after QUERY
+    loss[:, -1] |= passkey  # the value after QUERY
     return ppl, loss
-
-
-def byte_encoding():
-    """Offline byte-level tiktoken encoding (the stock encodings download their files)."""
-    return tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                             special_tokens={})
 
 
 def build_data(cfg, seed):
@@ -332,28 +308,24 @@ def build_data(cfg, seed):
     n_train, lens = cfg.steps * cfg.batch, [int(x) for x in cfg.eval_lens.split(",") if x]
     if cfg.data:
         ds = load_user_data(cfg.data, ["text"])
-        enc = byte_encoding()
+        # offline byte-level tiktoken encoding (the stock encodings download their files)
+        enc = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                special_tokens={})
         ids = torch.tensor([t for row in ds["text"] for t in enc.encode_ordinary(str(row)) + [10]])
-        cut = int(0.9 * len(ids))
-        train, held = ids[:cut], ids[cut:]
+        train, held = ids[:int(0.9 * len(ids))], ids[int(0.9 * len(ids)):]
         require(len(train) > cfg.train_len + 1, f"--data {cfg.data}: too little text for length {cfg.train_len}")
         starts = torch.randint(0, len(train) - cfg.train_len, (n_train,), generator=gen)
         x = train[starts[:, None] + torch.arange(cfg.train_len)]  # (steps·batch, L)
-        evals = {}
-        for L in lens:
-            k = min(cfg.eval_seqs, len(held) // L)
-            if k > 0:
-                xe = held[: k * L].view(k, L)
-                evals[L] = (xe, torch.ones(k, L - 1, dtype=torch.bool), None)
+        ks = {L: min(cfg.eval_seqs, len(held) // L) for L in lens}  # held-out windows per length (0: skipped)
+        evals = {L: (held[:k * L].view(k, L), torch.ones(k, L - 1, dtype=torch.bool), None) for L, k in ks.items() if k}
         return dict(x=x, loss_mask=torch.ones(n_train, cfg.train_len - 1, dtype=torch.bool), evals=evals,
                     vocab=256, passkey=False, table=None)
     table = markov_table(cfg.vocab_filler, cfg.successors, torch.Generator().manual_seed(12345))
     x, _ = passkey_batch(table, n_train, cfg.train_len, gen, cfg.vocab_filler)
     _, loss_mask = target_masks(x, cfg.vocab_filler)
-    evals = {}
-    for L in lens:
-        xe, p = passkey_batch(table, cfg.eval_seqs, L, torch.Generator().manual_seed(999 + L), cfg.vocab_filler)
-        evals[L] = (xe, target_masks(xe, cfg.vocab_filler)[0], p)
+    evals = {L: passkey_batch(table, cfg.eval_seqs, L, torch.Generator().manual_seed(999 + L), cfg.vocab_filler)
+             for L in lens}
+    evals = {L: (xe, target_masks(xe, cfg.vocab_filler)[0], p) for L, (xe, p) in evals.items()}
     return dict(x=x, loss_mask=loss_mask, evals=evals, vocab=special_ids(cfg.vocab_filler)[3], passkey=True,
                 table=table)
 
@@ -390,10 +362,8 @@ def fourier_noise_std(sigma, n_kept, n_out, n_heads, noise="xavier"):
 
 def step_eye(n_in, n_out):
     # the official identity for K inputs → d' outputs: output i reads input i·⌈K/d'⌉ (plain I when K = d')
-    eye, step = torch.zeros(n_in, n_out), math.ceil(n_in / n_out)
-    for i in range(n_out):
-        if i * step < n_in:
-            eye[i * step, i] = 1.0
+    eye, rows = torch.zeros(n_in, n_out), torch.arange(n_out) * math.ceil(n_in / n_out)
+    eye[rows[rows < n_in], torch.arange(n_out)[rows < n_in]] = 1.0
     return eye  # (K, d')
 
 
@@ -411,10 +381,10 @@ def fope_tables(pos, freqs, sin_coef, cos_coef, half):
 
 class _Rotary(nn.Module):
     def forward(self, x, pos=None):  # x (B, H, T, d); pos (T,), None: 0 … T−1
-        if pos is not None or self.learnable:
-            return apply_rotary(x, *self.tables(torch.arange(x.shape[-2], device=x.device) if pos is None else pos))
+        if pos is not None:
+            return apply_rotary(x, *self.tables(pos))
         key = (x.shape[-2], x.device)
-        if key not in self._cache:  # frozen: the tables are computed once per length
+        if key not in self._cache:  # frozen tables: computed once per length
             with torch.no_grad():
                 self._cache[key] = self.tables(torch.arange(x.shape[-2], device=x.device))
         return apply_rotary(x, *self._cache[key])
@@ -426,7 +396,7 @@ class RoPE(_Rotary):
     def __init__(self, head_dim, base=10000.0):
         super().__init__()
         self.register_buffer("freqs", rope_freqs(head_dim, base), persistent=False)
-        self._cache, self.learnable = {}, False
+        self._cache = {}
 
     def tables(self, pos):
         ang = pos.float()[:, None] * self.freqs[None, :]  # (T, d/2): n·ω_k
@@ -436,8 +406,7 @@ class RoPE(_Rotary):
 class FoPE(_Rotary):
     """Fourier position embedding: clipped floor frequencies + per-head Fourier series (frozen by default)."""
 
-    def __init__(self, head_dim, n_heads, train_len, sigma=0.3, base=10000.0, clip_floor=True, noise="xavier",
-                 learn=False):
+    def __init__(self, head_dim, n_heads, train_len, sigma=0.3, base=10000.0, clip_floor=True, noise="xavier"):
         super().__init__()
         freqs = kept_frequencies(head_dim, train_len, base, clip_floor)  # (K,)
         self.half, self.n_kept = head_dim // 2, len(freqs)
@@ -445,11 +414,11 @@ class FoPE(_Rotary):
         self.n_out = min(self.n_kept, head_dim // 4) if clip_floor else self.half
         self.noise_std = fourier_noise_std(sigma, self.n_kept, self.n_out, n_heads, noise)
         eye, shape = step_eye(self.n_kept, self.n_out), (n_heads, self.n_kept, self.n_out)  # (K, d'), (H, K, d')
-        # A^sin, A^cos = I + N(0, std²): separate matrices, per head (and per layer: one module per layer)
-        self.sin_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=learn)
-        self.cos_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=learn)
+        # A^sin, A^cos = I + N(0, std²): separate matrices, per head (and per layer: one module per layer), frozen
+        self.sin_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=False)
+        self.cos_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=False)
         self.register_buffer("freqs", freqs, persistent=False)
-        self._cache, self.learnable = {}, learn
+        self._cache = {}
 
     def tables(self, pos):
         return fope_tables(pos, self.freqs, self.sin_coef, self.cos_coef, self.half)
@@ -501,65 +470,47 @@ def slot_distance_scores(q_rot, k_rot):
     m, n = torch.arange(T, device=g.device)[:, None], torch.arange(T, device=g.device)[None, :]
     pairs = (n < m)  # (T, T)
     dist = (m - n).expand(T, T)[pairs]  # (P,)
-    out = []
-    for h in range(q_rot.shape[1]):
-        s = s_bar[:, h][:, pairs]  # (B, P)
-        out.append(spearman(dist.repeat(s.shape[0]).cpu(), s.reshape(-1).cpu()))
-    return out  # (H,)
+    # one score per head, over the B·P pairs
+    return [spearman(dist.repeat(len(s_bar)).cpu(), s_bar[:, h][:, pairs].reshape(-1).cpu()) for h in range(s_bar.shape[1])]
 
 
 # --- model ---
 
 
-class Attention(nn.Module):
-    def __init__(self, d_model, n_heads, pe):
-        super().__init__()
-        self.n_heads, self.pe = n_heads, pe
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.kept = None  # (q_rot, k_rot) of the last forward when keep is set (head analysis)
-        self.keep = False
-
-    def forward(self, x, bias, head_mask):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
-        if self.pe is not None:
-            q, k = self.pe(q), self.pe(k)  # position method on q and k in every layer
-        if self.keep:
-            self.kept = (q.detach(), k.detach())
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # ALiBi (+ causal)
-        y = y * head_mask[None, :, None, None]  # ablated heads contribute nothing
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
 class Block(nn.Module):
     def __init__(self, d_model, n_heads, pe):
         super().__init__()
+        self.n_heads, self.pe = n_heads, pe
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads, pe)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.kept = None  # (q_rot, k_rot) of the last forward, detached (for the head analysis)
 
     def forward(self, x, bias, head_mask):
-        x = x + self.attn(self.ln1(x), bias, head_mask)
+        B, T, C = x.shape
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        if self.pe is not None:
+            q, k = self.pe(q), self.pe(k)  # position method on q and k in every layer
+        self.kept = (q.detach(), k.detach())
+        # causal softmax(q·k/√hd)·v; ALiBi adds its bias (which holds the causal mask) to the logits
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                           is_causal=bias is None)  # (B, H, T, hd)
+        y = y * head_mask[None, :, None, None]  # ablated heads contribute nothing
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
         return x + self.mlp(self.ln2(x))
 
 
 def make_pe(method, cfg):
+    """rope: RoPE; fope: clip + noisy series; cf_only: clip, A = I; fs_only: noisy series, no clip; else None."""
     hd = cfg.d_model // cfg.n_heads
     if method == "rope":
         return RoPE(hd, cfg.rope_base)
-    kw = dict(n_heads=cfg.n_heads, train_len=cfg.train_len, base=cfg.rope_base, noise=cfg.fope_noise,
-              learn=cfg.fope_learn)
-    if method == "fope":
-        return FoPE(hd, sigma=cfg.fope_sigma, clip_floor=True, **kw)
-    if method == "cf_only":
-        return FoPE(hd, sigma=0.0, clip_floor=True, **kw)
-    if method == "fs_only":
-        return FoPE(hd, sigma=cfg.fope_sigma, clip_floor=False, **kw)
-    return None  # nope, alibi
+    if method in ("fope", "cf_only", "fs_only"):
+        return FoPE(hd, cfg.n_heads, cfg.train_len, 0.0 if method == "cf_only" else cfg.fope_sigma, cfg.rope_base,
+                    clip_floor=method != "fs_only", noise=cfg.fope_noise)
+    return None  # nope and alibi rotate nothing
 
 
 class Decoder(nn.Module):
@@ -576,13 +527,10 @@ class Decoder(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx):  # idx (B, T) → logits (B, T, vocab)
-        T = idx.shape[1]
-        bias = None
-        if self.method == "alibi":
-            if (T, idx.device) not in self._bias:
-                self._bias[(T, idx.device)] = alibi_bias(self.n_heads, T).to(idx.device)
-            bias = self._bias[(T, idx.device)]
-        x = self.emb(idx)  # (B, T, C)
+        key = (idx.shape[1], idx.device)
+        if self.method == "alibi" and key not in self._bias:  # the bias is computed once per length
+            self._bias[key] = alibi_bias(self.n_heads, idx.shape[1]).to(idx.device)
+        bias, x = self._bias.get(key), self.emb(idx)  # (B, T, C)
         for block, mask in zip(self.blocks, self.head_mask):
             x = block(x, bias, mask)
         return self.ln(x) @ self.emb.weight.T  # tied output embedding
@@ -610,7 +558,7 @@ def train_arm(method, cfg, data, device, seed):
     model = Decoder(method, data["vocab"], cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = max(1, cfg.steps // 20)
+    warm = max(1, cfg.steps // 20)  # linear warm-up over 5% of the steps, then cosine decay to 10%
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
     x_all, m_all = data["x"].to(device), data["loss_mask"].to(device)
@@ -621,8 +569,9 @@ def train_arm(method, cfg, data, device, seed):
         with autocast(device):
             logits = model(x[:, :-1])  # (B, L−1, vocab)
         # L = mean NLL of filler targets + mean NLL of the passkey answer (the value after QUERY)
-        filler = masked_nll(logits[:, :-1], x[:, 1:-1], mask[:, :-1])
-        answer = masked_nll(logits[:, -1:], x[:, -1:], mask[:, -1:]) if data["passkey"] else torch.zeros(())
+        k = -1 if data["passkey"] else None  # user text: every target is a filler target
+        filler = masked_nll(logits[:, :k], x[:, 1:k], mask[:, :k])
+        answer = masked_nll(logits[:, -1:], x[:, -1:], mask[:, -1:]) if k else torch.zeros(())
         loss = filler + answer
         check_finite(step, loss=loss.item(), filler=filler.item(), answer=answer.item())
         opt.zero_grad(set_to_none=True)
@@ -673,19 +622,12 @@ def evaluate(model, evals, cfg, device, passkey=True):
 def head_analysis(model, cfg, data, device, seed):
     """Positional heads: score every head, ablate the top ones vs random sets on long-distance passkeys."""
     model.eval()
-    L = cfg.train_len
-    x, p = passkey_batch(data["table"], 2 * cfg.eval_seqs, L, torch.Generator().manual_seed(777), cfg.vocab_filler,
+    L, first_value = cfg.train_len, special_ids(cfg.vocab_filler)[0]
+    x, _ = passkey_batch(data["table"], 2 * cfg.eval_seqs, L, torch.Generator().manual_seed(777), cfg.vocab_filler,
                          key_max=L // 2 - 2)  # needle distance ≥ L/2
-    x = x.to(device)
-    ppl_mask = target_masks(x, cfg.vocab_filler)[0]
-    first_value = special_ids(cfg.vocab_filler)[0]
-    attns = [b.attn for b in model.blocks]
-    for a in attns:
-        a.keep = True
+    x, ppl_mask = x.to(device), target_masks(x, cfg.vocab_filler)[0].to(device)
     model(x[:, :-1])
-    scores = [slot_distance_scores(*a.kept) for a in attns]  # (layers, H)
-    for a in attns:
-        a.keep, a.kept = False, None
+    scores = [slot_distance_scores(*b.kept) for b in model.blocks]  # (layers, H)
 
     def ablated(heads):
         model.head_mask.fill_(1.0)
@@ -696,19 +638,18 @@ def head_analysis(model, cfg, data, device, seed):
         pred = logits[:, -1, first_value:first_value + N_VALUES].argmax(-1) + first_value
         return float((pred == x[:, -1]).float().mean()), math.exp(float(masked_nll(logits, x[:, 1:], ppl_mask)))
 
-    flat = sorted(((s, layer, h) for layer, row in enumerate(scores) for h, s in enumerate(row)), reverse=True)
-    top = [[layer, h] for _, layer, h in flat[:cfg.top_heads]]
-    gen = random.Random(seed)
-    all_heads = [[layer, h] for layer in range(len(scores)) for h in range(len(scores[0])) if [layer, h] not in top]
-    rand_sets = [gen.sample(all_heads, cfg.top_heads) for _ in range(cfg.random_draws)]
-    full, top_abl = ablated([]), ablated(top)
-    rand_abl = [ablated(s) for s in rand_sets]
+    ranked = sorted(((s, [layer, h]) for layer, row in enumerate(scores) for h, s in enumerate(row)), reverse=True)
+    top = [lh for _, lh in ranked[:cfg.top_heads]]
+    others = [[layer, h] for layer, row in enumerate(scores) for h in range(len(row)) if [layer, h] not in top]
+    gen = random.Random(seed)  # random sets of as many heads, drawn from the non-top heads
+    rand_sets = [gen.sample(others, cfg.top_heads) for _ in range(cfg.random_draws)]
+    full, top_abl, rand_abl = ablated([]), ablated(top), [ablated(s) for s in rand_sets]
     model.train()
-    return {"score": [[round(s, 4) for s in row] for row in scores], "top": top, "random_sets": rand_sets,
-            "passkey_full": round(full[0], 4), "passkey_top_ablated": round(top_abl[0], 4),
-            "passkey_random_ablated": round(float(np.mean([r[0] for r in rand_abl])), 4),
-            "ppl_full": round(full[1], 4), "ppl_top_ablated": round(top_abl[1], 4),
-            "ppl_random_ablated": round(float(np.mean([r[1] for r in rand_abl])), 4)}
+    out = {"score": [[round(s, 4) for s in row] for row in scores], "top": top, "random_sets": rand_sets}
+    for i, metric in enumerate(("passkey", "ppl")):
+        out.update({f"{metric}_full": round(full[i], 4), f"{metric}_top_ablated": round(top_abl[i], 4),
+                    f"{metric}_random_ablated": round(float(np.mean([r[i] for r in rand_abl])), 4)})
+    return out
 
 
 def interleaved_step_times(models, x, mask, device, rounds):
@@ -718,29 +659,21 @@ def interleaved_step_times(models, x, mask, device, rounds):
         for name, model in models.items():
             t0 = clock(device)
             with autocast(device):
-                loss = masked_nll(model(x[:, :-1]), x[:, 1:], mask)
-            loss.backward()
+                masked_nll(model(x[:, :-1]), x[:, 1:], mask).backward()
             times[name].append(clock(device) - t0)
             model.zero_grad(set_to_none=True)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def mean_std(values):
-    return round(float(np.mean(values)), 4), round(float(np.std(values)), 4)
-
-
 def aggregate(per_seed):
-    """Arms: the mean over seeds of each metric (std and per-seed values when there are several seeds)."""
-    arm = {}
-    for metric in ("ppl", "passkey"):
-        arm[metric] = {L: mean_std([r[metric][L] for r in per_seed])[0] for L in per_seed[0][metric]}
-        if len(per_seed) > 1:
-            arm[metric + "_std"] = {L: mean_std([r[metric][L] for r in per_seed])[1] for L in per_seed[0][metric]}
-    arm["passkey_by_distance"] = per_seed[0]["passkey_by_distance"]
-    arm["step_time_s"] = round(float(np.mean([r["step_time_s"] for r in per_seed])), 5)
-    arm["final_loss"] = mean_std([r["final_loss"] for r in per_seed])[0]
+    """An arm: the mean over seeds of each metric (std and the per-seed values when there are several seeds)."""
+    arm = {m: {L: round(float(np.mean([r[m][L] for r in per_seed])), 4) for L in per_seed[0][m]} for m in ("ppl", "passkey")}
+    arm.update(passkey_by_distance=per_seed[0]["passkey_by_distance"],
+               step_time_s=round(float(np.mean([r["step_time_s"] for r in per_seed])), 5),
+               final_loss=round(float(np.mean([r["final_loss"] for r in per_seed])), 4))
     if len(per_seed) > 1:
-        arm["per_seed"] = per_seed
+        arm.update({m + "_std": {L: round(float(np.std([r[m][L] for r in per_seed])), 4) for L in per_seed[0][m]}
+                    for m in ("ppl", "passkey")}, per_seed=per_seed)
     return arm
 
 
@@ -753,9 +686,9 @@ def print_table(arms, heads):
         log(f"{name:<8} | " + " ".join(f"{a['ppl'][L]:<10.3f}" for L in lens) + f" | {keys} | "
             f"{1000 * a['step_time_s']:.1f}")
     for name, h in heads.items():
-        log(f"heads[{name}]: passkey (distance ≥ L/2) full {h['passkey_full']:.3f}, top-{len(h['top_each'][0])} "
-            f"ablated {h['passkey_top_ablated']:.3f}, random ablated {h['passkey_random_ablated']:.3f}; "
-            f"top heads (layer, head) per seed {h['top_each']}")
+        log(f"heads[{name}] slot-distance scores (layer × head) per seed {[r['score'] for r in h['seeds'].values()]};"
+            f" top {h['top_each']}; passkey at distance ≥ L/2: all heads {h['passkey_full']:.3f}, top ablated "
+            f"{h['passkey_top_ablated']:.3f}, random ablated {h['passkey_random_ablated']:.3f}")
 
 
 def plot(arms, path):
@@ -764,20 +697,13 @@ def plot(arms, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("--plot: matplotlib is not installed; no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, a in arms.items():
-        lens = [int(L) for L in a["ppl"]]
-        axes[0].plot(lens, list(a["ppl"].values()), marker="o", label=name)
-        if a["passkey"]:
-            axes[1].plot(lens, list(a["passkey"].values()), marker="o", label=name)
-    for ax, title in zip(axes, ("filler perplexity", "passkey accuracy")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation length (trained at 64)")
-        ax.set_title(title)
+        return log("--plot: matplotlib is not installed; no plot")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
+    for ax, metric in zip(axes, ("ppl", "passkey")):
+        for name, a in arms.items():
+            ax.plot([int(L) for L in a[metric]], list(a[metric].values()), marker="o", label=name)
+        ax.set(xscale="log", xlabel="evaluation length (trained at 64)", title=metric)
         ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     log(f"plot: {path}")
 
@@ -790,46 +716,35 @@ def run(cfg):
     device = pick_device(cfg.device)
     log(f"config: {dataclasses.asdict(cfg)}")
     methods = [m for m in cfg.methods.split(",") if m]
-    if cfg.ablations:
-        methods += [m for m in ("cf_only", "fs_only") if m not in methods]
-    hd = cfg.d_model // cfg.n_heads
-    probe = FoPE(hd, cfg.n_heads, cfg.train_len, cfg.fope_sigma, cfg.rope_base, noise=cfg.fope_noise)
-    log(f"FoPE: head_dim {hd}, K = {probe.n_kept} of {hd // 2} slots keep ω ≥ 2π/{cfg.train_len}, d' = {probe.n_out},"
-        f" coefficient noise std {probe.noise_std:.4f} (σ = {cfg.fope_sigma}, {cfg.fope_noise})")
+    methods += [m for m in ("cf_only", "fs_only") if cfg.ablations and m not in methods]
+    f = make_pe("fope", cfg)
+    log(f"FoPE: K = {f.n_kept} of {f.half} slots keep ω ≥ 2π/{cfg.train_len}, d' = {f.n_out}, coefficient noise std "
+        f"{f.noise_std:.4f} (σ = {cfg.fope_sigma}, {cfg.fope_noise})")
     t_start = time.process_time()
     per_seed, heads, models = {m: [] for m in methods}, {}, {}
-    for s in range(cfg.seeds):
-        seed = cfg.seed + s
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         data = build_data(cfg, seed)
         for method in methods:
             model, step_time, final_loss = train_arm(method, cfg, data, device, seed)
-            if s == 0 and method == methods[0]:
-                log(f"parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
             res = evaluate(model, data["evals"], cfg, device, data["passkey"])
-            res.update(step_time_s=round(step_time, 5), final_loss=round(final_loss, 4))
-            per_seed[method].append(res)
-            log(f"seed {seed} {method}: ppl {res['ppl']} passkey {res['passkey']}")
+            per_seed[method].append(dict(res, step_time_s=round(step_time, 5), final_loss=round(final_loss, 4)))
+            log(f"seed {seed} {method}: ppl {res['ppl']} passkey {res['passkey']} "
+                f"({sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters)")
             if data["passkey"] and method in ("rope", "fope", "cf_only", "fs_only"):
                 heads.setdefault(method, {})[str(seed)] = head_analysis(model, cfg, data, device, seed)
             models[method] = model
     arms = {m: aggregate(r) for m, r in per_seed.items()}
     for name, by_seed in heads.items():
-        runs = list(by_seed.values())
-        heads[name] = {"seeds": by_seed, "top_each": [r["top"] for r in runs],
-                       **{k: round(float(np.mean([r[k] for r in runs])), 4) for k in
+        heads[name] = {"seeds": by_seed, "top_each": [r["top"] for r in by_seed.values()],
+                       **{k: round(float(np.mean([r[k] for r in by_seed.values()])), 4) for k in
                           ("passkey_full", "passkey_top_ablated", "passkey_random_ablated")}}
-    results = {"config": dataclasses.asdict(cfg), "arms": arms, "heads": heads,
-               "metric_note": "heads.score: slot-distance correlation (our operationalisation of 2410.08703): "
-                              "Spearman(m-n, contribution-weighted slot index); ablation on passkeys at distance >= L/2"}
+    results = {"config": dataclasses.asdict(cfg), "arms": arms, "heads": heads}  # heads.score: slot-distance corr.
     if "rope" in models and "fope" in models:
-        x = data["x"][:cfg.batch].to(device)
-        bench = interleaved_step_times({m: models[m] for m in ("rope", "fope")}, x, data["loss_mask"][:cfg.batch].to(device),
-                                       device, rounds=3 if cfg.smoke else 15)
-        ratio = bench["fope"] / bench["rope"]
-        results["step_time"] = {"ratio_fope_rope": round(ratio, 4), "interleaved_fwd_bwd_s": bench,
-                                "train_ratio_fope_rope": round(arms["fope"]["step_time_s"] / arms["rope"]["step_time_s"], 4)}
-        log(f"FoPE/RoPE step-time ratio: {ratio:.3f} (interleaved forward+backward, median of 15; goal ≤ 1.15); "
-            f"whole training steps: {results['step_time']['train_ratio_fope_rope']:.3f}")
+        x, mask = data["x"][:cfg.batch].to(device), data["loss_mask"][:cfg.batch].to(device)
+        bench = interleaved_step_times({m: models[m] for m in ("rope", "fope")}, x, mask, device, 3 if cfg.smoke else 15)
+        results["step_time"] = {"ratio_fope_rope": round(bench["fope"] / bench["rope"], 4), "interleaved_s": bench,
+                                "train_ratio": round(arms["fope"]["step_time_s"] / arms["rope"]["step_time_s"], 4)}
+        log(f"FoPE/RoPE step-time ratio: {results['step_time']} (goal ≤ 1.15; interleaved forward+backward medians)")
         if data["passkey"] and "256" in arms["fope"]["ppl"]:
             f, r = arms["fope"], arms["rope"]
             results["claim"] = {"fope_ppl256_below_rope": f["ppl"]["256"] < r["ppl"]["256"],
