@@ -134,7 +134,7 @@ def test_smoke_writes_results(tmp_path):
     assert saved["knowledge"]["mixed_share"] == res["knowledge"]["mixed_share"]
 
 
-@pytest.mark.parametrize("argv", [["--alias-train", "1.5"], ["--n-subjects", "0"], ["--d-model", "30", "--n-heads", "4"]])
+@pytest.mark.parametrize("argv", [["--template-train", "1.5"], ["--n-subjects", "0"], ["--d-model", "30", "--n-heads", "4"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         hl.main(argv)
