@@ -1,13 +1,11 @@
 """On Large Language Models' Hallucination with Regard to Known Facts — arXiv 2403.20009
 (https://arxiv.org/abs/2403.20009), NAACL 2024.
 
-A model can know a fact (answer it right through one phrasing) and still answer a different phrasing of the
-same (subject, relation, object) triplet wrong. Reading the last position's residual after every sub-layer
-through the final norm and the unembedding (the logit lens) shows *when* the output token appears: in right
-answers its probability jumps in the middle layers and stays on top; in known-fact hallucinations the output
-token surfaces late. A linear classifier on these curves detects hallucinations. Here: a synthetic knowledge
-base, a small decoder trained on it, the curves of the three cases, and the detector beside two baselines the
-paper never ran (a threshold on the final-layer probability; the final entropy).
+A model can know a fact (answer it right through one phrasing) and still get another phrasing of the same
+(subject, relation, object) wrong. The logit lens (final norm + unembedding applied to the last position's
+residual after every sub-layer) shows *when* the output token appears: in right answers its probability
+jumps mid-network and stays on top; in hallucinations it surfaces late. A linear classifier on these curves
+detects hallucinations; here it sits beside two baselines the paper never ran (final probability, entropy).
 
 Key equations (symbols as in the code):
     logit lens   p_l = softmax(W_U · LN_f(h_l)),  l = emb, attn1, mlp1, ..., attnL, mlpL  (P = 1 + 2L points)
@@ -20,11 +18,21 @@ Key equations (symbols as in the code):
 
 Run:
     python hallucination_lens.py                 # the whole comparison at the defaults (≤ 5 min on 2 CPU cores)
-    python hallucination_lens.py --steps 400     # shorter training
     python hallucination_lens.py --smoke         # the same code path at a tiny size, in seconds
     python hallucination_lens.py --plot          # also draws the mean curves (needs matplotlib)
 
-RESULT_BLOCK
+Result of the default run (2-core CPU, 1 thread: 112 s CPU, ~6.5 min wall while 8 sessions shared the cores):
+    facts mixed at the end of training (right through some templates, wrong through others): 52.7%; every
+    trained pair right (1.0); held-out pairs: distractor template 0.70, alias templates 0.35 / 0.36
+    logit lens, mean p of the token  emb   attn1 mlp1  attn2 mlp2  attn3 mlp3  attn4 mlp4
+      success (gold, n 1576)         0.03  0.15  0.19  0.41  0.47  0.70  0.81  0.93  0.97
+      fail (gold, n 952)             0.03  0.11  0.13  0.11  0.11  0.10  0.09  0.07  0.05
+      hallucination (output, n 952)  0.03  0.16  0.21  0.33  0.37  0.47  0.55  0.64  0.75
+    top-1 at an intermediate point: success 0.98, fail 0.27, hallucination 0.83
+    detector, balanced accuracy, random / subject-grouped split (mean of 5 splits, 2528 prompts):
+      logreg on curves: logit 0.790 / 0.806, tuned 0.817 / 0.800, both 0.794 / 0.791
+      svm on curves:    logit 0.781 / 0.797, tuned 0.807 / 0.786, both 0.786 / 0.793
+      final-prob threshold 0.841 / 0.842, final-entropy threshold 0.839 / 0.841: the curve adds nothing here
 
 Deviations from the paper (and its official code):
 - A synthetic knowledge base (300 subjects x 4 relations, Zipf object prior) and a 4-layer d-64 decoder trained
@@ -84,7 +92,7 @@ class Config:
     d_model: int = 64  # residual width
     n_heads: int = 4  # attention heads
     batch_size: int = 128  # prompts per step
-    lr: float = 3e-3  # AdamW learning rate (cosine decay, 5% warm-up)
+    lr: float = 3e-3  # AdamW learning rate (linear warm-up over steps / 20, then cosine decay)
     weight_decay: float = 0.01  # AdamW weight decay
     test_frac: float = 0.2  # share of samples (random) or subjects (grouped) held out for the detector
     n_splits: int = 5  # random re-splits the detector's accuracy is averaged over
@@ -92,8 +100,7 @@ class Config:
 
     def __post_init__(self):
         require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        for name in ("n_subjects", "n_relations", "n_objects", "n_layers", "d_model", "n_heads", "batch_size",
-                     "n_splits"):
+        for name in ("n_subjects", "n_relations", "n_objects", "n_layers", "d_model", "n_heads", "batch_size", "n_splits"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
         require(self.d_model % self.n_heads == 0, f"--d-model {self.d_model} must be divisible by --n-heads")
         require(self.zipf >= 0, f"--zipf {self.zipf}: must be >= 0")
@@ -235,12 +242,7 @@ def run_cli(cls, run, argv=None):
 RELATION_WORDS = ["capital", "language", "sport", "color", "religion", "genre", "team", "instrument"]
 # Four templates per relation. {s}: the subject's name, {a}: its alias, {r}: the relation word,
 # {d}: another subject (a distractor). Canonical names near / far-with-distractor, alias near / far.
-TEMPLATES = [
-    "{s} {r} :",
-    "{s} , friend of {d} , has {r}",
-    "{a} {r} :",
-    "the {r} of {a} , they say , is",
-]
+TEMPLATES = ["{s} {r} :", "{s} , friend of {d} , has {r}", "{a} {r} :", "the {r} of {a} , they say , is"]
 LINK_TEMPLATE = "{a} is also known as"  # trained for every subject: the alias → name link
 
 
@@ -249,12 +251,8 @@ def make_kb(n_subjects, n_relations, n_objects, zipf, rng):
     rel_words = RELATION_WORDS[:n_relations] + [f"rel{j}" for j in range(len(RELATION_WORDS), n_relations)]
     prior = np.arange(1, n_objects + 1, dtype=np.float64) ** -zipf
     prior /= prior.sum()
-    facts = []
-    for i in range(n_subjects):
-        for r in rel_words:
-            k = rng.choice(n_objects, p=prior)
-            facts.append({"subject": f"s{i}", "relation": r, "object": f"{r}{k}"})
-    return facts
+    return [{"subject": f"s{i}", "relation": r, "object": f"{r}{rng.choice(n_objects, p=prior)}"}
+            for i in range(n_subjects) for r in rel_words]
 
 
 def build_prompts(facts, template_train, rng):
@@ -271,10 +269,8 @@ def build_prompts(facts, template_train, rng):
             train = t == 0 or rng.random() < template_train
             text = "<bos> " + tpl.format(s=s, a="aka_" + s, r=f["relation"], d=d)
             prompts.append(dict(text=text, answer=f["object"], fact=i, template=t, subject=s, train=train))
-    for s in subjects:
-        prompts.append(dict(text="<bos> " + LINK_TEMPLATE.format(a="aka_" + s), answer=s, fact=-1, template=-1,
-                            subject=s, train=True))
-    return prompts
+    return prompts + [dict(text="<bos> " + LINK_TEMPLATE.format(a="aka_" + s), answer=s, fact=-1, template=-1,
+                           subject=s, train=True) for s in subjects]
 
 
 def tokenize(prompts):
@@ -455,9 +451,7 @@ def group_split(groups, test_frac, gen):
 
 
 def random_split(n, test_frac, gen):
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=gen)[: max(1, round(test_frac * n))]] = True
-    return mask
+    return torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.randperm(n, generator=gen)[: max(1, round(test_frac * n))], True)
 
 
 # --- training and evaluation ---
