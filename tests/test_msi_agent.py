@@ -183,6 +183,9 @@ def test_planner_shapes_and_generation():
     x = torch.tensor([prompts[0]])
     vl, al, h, _ = model(x, torch.arange(6)[None])
     assert vl.shape == (1, 6, len(m.VOCAB)) and model.pointer(h, h[:, 4:5]).shape == (1, 6, 1)
+    # causal: items appended on the right (padding, later steps) change nothing at the earlier positions
+    padded = torch.cat([x, torch.zeros(1, 3, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded, torch.arange(9)[None])[2][:, :6], h)
     out = m.generate(model, prompts, [1, 0], torch.device("cpu"), 3)
     assert len(out) == 2 and all(len(p) <= 3 for p in out) and all(c == [] for _, c in out[1])
 
