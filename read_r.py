@@ -1,44 +1,36 @@
 """ReAd-R on AdsQA: reflect, then answer — arXiv 2509.08621 (https://arxiv.org/abs/2509.08621)
 
-AdsQA asks what an advertisement *means* — its product (VU), the emotion it evokes (ER), its theme (TE),
-its persuasion strategy (PS) and its target audience (AM) — rather than what is visible. ReAd-R is an
-R1-style policy: it first reflects, gathering the relevant clues from the frames inside <think>…</think>,
-then answers inside <answer>…</answer>; it is trained with GRPO on a rule reward alone, no reasoning traces.
+AdsQA asks what an ad means (product VU, emotion ER, theme TE, persuasion PS, audience AM). ReAd-R first gathers
+the relevant clues in <think>…</think>, then answers in <answer>…</answer>; GRPO on a rule reward, no traces.
 
-Toy: an "ad" is 8 frames × 3 symbolic tokens (object, person, cue). Hidden labels: product (its token in 2
-frames), persuasion strategy (its cue in 2 frames; a stray cue of another strategy in 1), emotion (a mood
-token in 2 frames), the main person (3 frames; a stray person in 1). One question per AdsQA task:
-    VU = product              ER = emotion(mood)          PS = strategy(majority cue)
-    TE = THEME[product][strategy]   (a Latin rectangle: neither clue alone fixes it — two clues)
-    AM = "<age(person)> <interest(product)>"                                        (two clues, two slots)
-The base model (a stand-in for a pretrained VLM) learns to list clues in <think> on VU/ER/PS, and knows the
-TE/AM "facts" from clean ads that show only the two clues; it never saw TE/AM on a real (cluttered) ad.
+Toy: an ad is 8 frames × (object, person, cue) words. The product sits in 2 frames, the main person in 3 (a stray
+person in 1), the strategy's cue in 2 (a stray cue of another strategy in 1), the mood in 2. Questions:
+VU = product, ER = EMOTION(mood), PS = STRATEGY(majority cue), and two-clue TE = THEME[product][strategy] (a
+Latin rectangle: neither clue alone fixes it) and AM = "AGE(person) INTEREST(product)" (two answer slots).
+The base model (stand-in for a pretrained VLM) is pre-trained on fresh ads: VU/ER/PS with the clue listed in
+<think> (or an empty think block), TE/AM only on simple ads without strays. All arms start from it.
 
 Key equations (symbols as in the code):
-    judge s(pred, gold) = 1 if every gold slot is stated (and only it), 0.5 if ≥ half the slots are,
-                          0 otherwise; 0.1 if |pred| > 5·|gold| (over-long)            answer_reward
-    r = 0.9 · s + 0.1 · 1[<think>…</think><answer>…</answer>]                          total_reward
-    Â_i = (r_i − mean_G r) / (std_G r + 1e-6)                                           group_normalize
-    ρ_t = exp(logp_t − old_logp_t);  ℓ_t = max(−Â ρ_t, −Â clip(ρ_t, 1±ε)) + c_KL · k3_t, token mean   grpo_loss
-    strict = mean 1[s = 1],  relaxed = mean 1[s ≥ 0.5]                                  strict_relaxed
+    s = judge(pred, gold): 1 all gold slots stated (a slot stated twice contradicts), 0.5 ≥ half, 0 otherwise;
+        a 1 or 0.5 becomes 0.1 if |pred| > 5·|gold| words                          answer_reward
+    r = 0.9 · s + 0.1 · 1[<think>, </think>, <answer>, </answer> all present]         total_reward
+    Â_i = (r_i − mean_G r) / (std_G r + 1e-6)                                         group_normalize
+    ℓ_t = max(−Â ρ_t, −Â clip(ρ_t, 1 ± ε)) + c_KL · (e^{ref−logp} − (ref − logp) − 1), token mean    grpo_loss
+    strict = mean 1[s = 1];  relaxed = mean 1[s ≥ 0.5]                                strict_relaxed
 
-Arms (same base, same steps, same number of training questions per step):
-    sft         SFT on direct answers (empty think block) of the small training set
-    rl_think    GRPO, the policy writes its own <think> block, then the answer
-    rl_nothink  GRPO, the response starts with an empty think block (prefilled): answer in one pass
-    sft_trace   SFT on gold clue traces (upper bound; not in the paper)
+Arms from the same base, same steps and questions per step: sft (SFT on direct answers), rl_think (GRPO, own think
+block), rl_nothink (GRPO, empty think block prefilled), sft_trace (SFT on gold clue traces; an upper bound).
+Run:  python read_r.py  (base + four arms, seed 0, ≤ 240 s CPU at 1 thread);  --seed 1;  --steps 100;  --smoke
 
-Run:
-    python read_r.py                  # base + the four arms, one seed (≤ 240 s CPU at 1 thread)
-    python read_r.py --seed 1         # the second seed
-    python read_r.py --steps 100      # shorter training
-    python read_r.py --smoke          # the same code path at a tiny size, in seconds (the tests run this)
-
-Result of the default run (RESULT_PLACEHOLDER):
 RESULT_TABLE
 
-Deviations from the paper (and its official code):
-DEVIATIONS
+Deviations from the paper (and its official code, TsinghuaC3I/AdsQA, EasyR1):
+- symbolic 8-frame ads and a 107k-parameter 2-layer transformer instead of videos and Qwen2.5-VL-7B;
+- a rule judge over answer slots instead of the GPT-4o judge; over-long = 5× the reference in words (the official
+  code: 100× in characters); the judge reads the whole response when there is no answer block (as the official);
+- the base is pre-trained here (clue listing + facts) to stand in for a pretrained model's reasoning;
+- lr 5e-4 (paper 1e-6), 8 questions × 8 samples per step, one update per batch (π_old = π_θ);
+- rl_nothink prefills an empty think block (format reward still 1); sft_trace is an extra upper-bound arm.
 """
 
 import argparse
@@ -73,7 +65,7 @@ class Config:
     steps: int = 300  # training steps per arm (GRPO: one rollout batch each; SFT: one batch of questions)
     seed: int = 0  # random seed
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    data: str = ""  # JSON-lines with columns frames (24 words), task (VU/ER/TE/PS/AM), answer, clues: replaces train/test ads (80/20)
+    data: str = ""  # JSON-lines: frames (24 words), task (VU/ER/TE/PS/AM), answer, clues; replaces train/test 80/20
     out: str = "runs/read_r"  # folder for results.json
     smoke: bool = False  # the same code path at a tiny size, in seconds
     log_every: int = 50  # steps between log lines
@@ -99,15 +91,15 @@ class Config:
         require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
         names = [a for a in self.arms.split(",") if a]
         require(names and all(a in ARMS for a in names), f"--arms {self.arms}: choose from {', '.join(ARMS)}")
-        for name in ("base_steps", "base_batch", "n_train", "n_test", "prompts", "d_model", "n_layers", "n_heads",
-                     "max_think"):
-            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
+        for k in ("base_steps", "base_batch", "n_train", "n_test", "prompts", "d_model", "n_layers", "n_heads",
+                  "max_think"):
+            require(getattr(self, k) > 0, f"--{k.replace('_', '-')} {getattr(self, k)}: must be positive")
         require(self.group >= 2, f"--group {self.group}: GRPO needs at least 2 samples per question")
         require(self.d_model % self.n_heads == 0, f"--d-model {self.d_model}: must be divisible by --n-heads")
         require(self.temperature > 0, f"--temperature {self.temperature}: must be positive")
-        for name in ("kl_coef", "clip_eps", "lr_base", "lr_sft", "lr_rl"):
-            require(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)),
-                    f"--{name.replace('_', '-')} {getattr(self, name)}: must be a finite number ≥ 0")
+        for k in ("kl_coef", "clip_eps", "lr_base", "lr_sft", "lr_rl"):
+            v = getattr(self, k)
+            require(v >= 0 and math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number ≥ 0")
 
 
 # --- boilerplate: CLI, seeding, device, logging, files (the same text in every script) ---
@@ -127,8 +119,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field_help(cls):
-    """The `# comment` after each Config field is its --help text."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    """The `# comment` after each Config field is its --help text (% escaped for argparse)."""
+    found = re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
 
 
 def parse_config(cls, argv=None):
@@ -283,19 +276,15 @@ def word_encoding(words, specials):
 
 
 class Tokenizer:
-    """tiktoken over the closed vocabulary, with the model's compact ids 0..V-1 (specials, then words)."""
+    """tiktoken over the closed vocabulary; the model's compact ids 0..V-1 are SPECIALS then WORDS."""
 
     def __init__(self):
-        self.enc = word_encoding(WORDS, SPECIALS)
-        self.vocab = SPECIALS + WORDS
-        self.enc_ids = [self.enc.encode_single_token(s) for s in SPECIALS] + [
-            self.enc.encode_single_token(" " + w) for w in WORDS]
-        self.compact = {e: i for i, e in enumerate(self.enc_ids)}
-        self.id = {w: i for i, w in enumerate(self.vocab)}
+        self.enc, self.vocab = word_encoding(WORDS, SPECIALS), SPECIALS + WORDS
+        self.enc_ids = [self.enc.encode_single_token(w if w in SPECIALS else " " + w) for w in self.vocab]
+        self.compact, self.id = {e: i for i, e in enumerate(self.enc_ids)}, {w: i for i, w in enumerate(self.vocab)}
 
     @staticmethod
-    def render(words):
-        """Words → text: a space before each word, none before a tag ("<think> car joke</think>")."""
+    def render(words):  # a space before each word, none before a tag: "<think> car joke</think>"
         return "".join(w if w.startswith("<") else " " + w for w in words)
 
     def encode(self, words):
@@ -308,11 +297,8 @@ class Tokenizer:
 
 
 def make_ad(rng, strays=1):
-    """One synthetic ad: 8 frames of (object, person, cue) words and its hidden labels (indices).
-
-    The product sits in 2 random frames (fillers elsewhere), the main person in 3 (`strays` stray persons in
-    one frame each), the strategy's cue in 2 (`strays` cues of other strategies, one frame each), the mood in 2.
-    """
+    """8 frames of (object, person, cue) words and the hidden labels: product in 2 random frames, main person in 3
+    (+ `strays` other persons once each), the strategy's cue in 2 (+ `strays` other cues once each), mood in 2."""
     p, s, m, h = rng.randrange(6), rng.randrange(5), rng.randrange(4), rng.randrange(4)
     obj = [rng.choice(FILLERS) for _ in range(8)]
     for f in rng.sample(range(8), 2):
@@ -342,8 +328,7 @@ def question(ad, task):
 
 
 def base_example(rng):
-    """A pre-training example of the base model: VU/ER/PS on ads with one stray cue and person; TE/AM only on
-    simple ads without strays (the base has never seen a two-clue question beside a distracting cue)."""
+    """Base pre-training: VU/ER/PS on ads with strays; TE/AM only on simple ads without strays (never beside one)."""
     task = rng.choice(TASKS + TWO_CLUE)  # two-clue facts twice as often: a 30-entry table to memorise
     row = question(make_ad(rng, strays=0 if task in TWO_CLUE else 1), task)
     return row, rng.choice(("reason", "direct"))
@@ -366,12 +351,10 @@ def load_rows(cfg):
         ds = load_user_data(cfg.data, ["frames", "task", "answer", "clues"])
         rows = [{k: str(r[k]) for k in ("frames", "task", "answer", "clues")} for r in ds]
         for i, r in enumerate(rows, 1):
-            require(r["task"] in TASKS, f"--data {cfg.data}, row {i}: task '{r['task']}' is not one of {TASKS}")
-            require(len(r["frames"].split()) == 24, f"--data {cfg.data}, row {i}: frames must hold 24 words")
-            words = (r["frames"] + " " + r["answer"] + " " + r["clues"]).split()
-            require(all(w in WORDS for w in words), f"--data {cfg.data}, row {i}: a word outside the vocabulary")
-        cut = max(1, int(0.8 * len(rows)))
-        return rows[:cut], rows[cut:] or rows[:1], []
+            where = f"--data {cfg.data}, row {i}"
+            require(r["task"] in TASKS, f"{where}: task '{r['task']}' is not one of {TASKS}")
+            require(len(r["frames"].split()) == 24, f"{where}: frames must hold 24 words")
+        return rows[:max(1, int(0.8 * len(rows)))], rows[max(1, int(0.8 * len(rows))):] or rows[:1], []
     rng = random.Random(cfg.seed * 1000 + 1)
     ads = lambda n, strays: [make_ad(rng, strays) for _ in range(n)]
     rows = lambda ad_list: [question(ad, t) for ad in ad_list for t in TASKS]
@@ -408,8 +391,7 @@ class GPT(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
         self.ln = nn.LayerNorm(d)
-        for emb in (self.tok, self.pos):
-            nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.tok.weight, std=0.02), nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx, caches=None):
         t0 = 0 if caches is None else caches[0][0].shape[2]
@@ -436,15 +418,13 @@ def generate(model, prompt, max_new, stop, pad, temperature=1.0, greedy=False):
         if t == max_new - 1 or bool(done.all()):
             break
         logits, caches = model(tokens[-1][:, None], caches)  # one new position: (N, 1, V)
-    tokens, mask = torch.stack(tokens, 1), torch.stack(mask, 1)  # (N, t + 1)
-    fill = max_new - tokens.shape[1]
-    return F.pad(tokens, (0, fill), value=pad), F.pad(mask, (0, fill), value=False)
+    tokens, mask, fill = torch.stack(tokens, 1), torch.stack(mask, 1), max_new - len(tokens)  # (N, t + 1) each
+    return F.pad(tokens, (0, fill), value=pad), F.pad(mask, (0, fill), value=False)  # (N, max_new) each
 
 
 def response_logp(model, prompt, tokens):
     """log π(y_t | x, y_<t) of each response token: (N, T) from prompt (N, P) and tokens (N, T)."""
-    seq = torch.cat([prompt, tokens], 1)  # (N, P + T)
-    logits, _ = model(seq[:, :-1])  # (N, P + T − 1, V)
+    logits, _ = model(torch.cat([prompt, tokens], 1)[:, :-1])  # (N, P + T − 1, V)
     logits = logits[:, prompt.shape[1] - 1:].float()  # (N, T, V): the predictions of the response tokens
     return F.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]  # (N, T)
 
@@ -505,11 +485,15 @@ def answer_reward(pred, gold):
     return 0.1 if score > 0 and len(p) > 5 * len(g) else score
 
 
-def total_reward(text, gold):
-    """r = 0.9 · accuracy + 0.1 · format (no reflection or length term); no answer block: the judge reads it all."""
+def judge(text, gold):
+    """The judge's score of a whole response: its answer block, or (none) all of it with the tags removed."""
     answer = block(text, "answer")
-    answer = " ".join(answer) if answer is not None else re.sub(r"<[^<>]*>", " ", text)
-    return 0.9 * answer_reward(answer, gold) + 0.1 * format_reward(text)
+    return answer_reward(" ".join(answer) if answer is not None else re.sub(r"<[^<>]*>", " ", text), gold)
+
+
+def total_reward(text, gold):
+    """r = 0.9 · accuracy + 0.1 · format (the paper's reward: no reflection or length term)."""
+    return 0.9 * judge(text, gold) + 0.1 * format_reward(text)
 
 
 def strict_relaxed(scores):
@@ -519,19 +503,22 @@ def strict_relaxed(scores):
 
 
 def grounding(think, clues, frames):
-    """Hits, length and chance of one think block: hits = its words that are relevant clues; chance = the share
-    of frame words that are relevant clues (the precision of a think block of random frame words)."""
+    """(hits, length, chance, recall) of one think block: hits = its words that are relevant clues; chance = the
+    share of frame words that are relevant clues (the precision of random frame words); recall = clues named."""
     relevant = set(clues)
-    return sum(w in relevant for w in think), len(think), sum(w in relevant for w in frames) / len(frames)
+    hits = sum(w in relevant for w in think)
+    chance = sum(w in relevant for w in frames) / len(frames)
+    return hits, len(think), chance, len(relevant & set(think)) / len(relevant)
 
 
 # --- training and evaluation ---
 
 
-def batch_tensor(seqs, pad, device):
-    """Right-pad lists of ids to one (N, L) tensor."""
-    n = max(map(len, seqs))
-    return torch.tensor([s + [pad] * (n - len(s)) for s in seqs], device=device)
+def update(opt, model, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 
 
 def sft_train(model, tok, sample, steps, lr, device, name, log_every):
@@ -540,21 +527,17 @@ def sft_train(model, tok, sample, steps, lr, device, name, log_every):
     start, n_tok = time.time(), 0
     for step in range(1, steps + 1):
         rows, modes = sample(step)
-        seqs, masks = [], []
-        for row, mode in zip(rows, modes):
-            p, t = tok.encode(prompt_words(row, mode)), tok.encode(target_words(row, mode))
-            seqs.append(p + t)
-            masks.append([0] * len(p) + [1] * len(t))
-        x, m = batch_tensor(seqs, tok.id["<pad>"], device), batch_tensor(masks, 0, device).float()  # (B, L)
+        pairs = [(tok.encode(prompt_words(r, mode)), tok.encode(target_words(r, mode))) for r, mode in zip(rows, modes)]
+        seqs, masks = [p + t for p, t in pairs], [[0] * len(p) + [1] * len(t) for p, t in pairs]
+        n = max(map(len, seqs))  # right-pad to one (B, L) batch
+        x = torch.tensor([q + [tok.id["<pad>"]] * (n - len(q)) for q in seqs], device=device)  # (B, L)
+        m = torch.tensor([q + [0] * (n - len(q)) for q in masks], device=device).float()  # (B, L)
         with autocast(device):
             logits, _ = model(x[:, :-1])  # (B, L − 1, V)
         ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (B, L − 1)
         loss = (ce * m[:, 1:]).sum() / m[:, 1:].sum()
         check_finite(step, loss=loss.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(opt, model, loss)
         n_tok += x.numel()
         if step % log_every == 0 or step == steps:
             log_progress(step, steps, start, arm=name, loss=loss.item(), tok_per_s=n_tok / (time.time() - start))
@@ -569,12 +552,12 @@ def grpo_train(model, ref, tok, rows, mode, cfg, device, name):
     start, n_samples, curve = time.time(), 0, []
     for step in range(1, cfg.steps + 1):
         batch = [rows[rng.randrange(len(rows))] for _ in range(cfg.prompts)]
-        prompt = torch.tensor([tok.encode(prompt_words(r, mode)) for r in batch], device=device)  # (B, P)
-        prompt = prompt.repeat_interleave(cfg.group, 0)  # (B·G, P): G samples of each question
+        prompt = torch.tensor([tok.encode(prompt_words(r, mode)) for r in batch for _ in range(cfg.group)],
+                              device=device)  # (B·G, P): G samples of each question
         with autocast(device):
             tokens, mask = generate(model, prompt, max_new, stop, pad, cfg.temperature)  # (B·G, T) each
         texts = [prefix + tok.decode(t[m].tolist()) for t, m in zip(tokens, mask)]
-        golds = [r["answer"] for r in batch for _ in range(cfg.group)]
+        golds = [r["answer"] for r in batch for _ in range(cfg.group)]  # (B·G,) ↓ r = 0.9 · s + 0.1 · format
         rewards = torch.tensor([total_reward(t, g) for t, g in zip(texts, golds)], device=device)
         adv = group_normalize(rewards.view(cfg.prompts, cfg.group)).view(-1)  # (B·G,)
         with autocast(device):
@@ -584,24 +567,20 @@ def grpo_train(model, ref, tok, rows, mode, cfg, device, name):
         # one update per rollout batch: π_old = π_θ (ratio 1, the clip never binds; the KL term still does)
         loss, terms = grpo_loss(logp, logp.detach(), ref_logp, mask.float(), adv, cfg.clip_eps, cfg.kl_coef)
         check_finite(step, loss=loss.detach(), **terms)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(opt, model, loss)
         n_samples += len(texts)
-        think_len = sum(len(block(t, "think") or []) for t in texts) / len(texts)
         curve.append(rewards.mean().item())
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_progress(step, cfg.steps, start, arm=name, loss=loss.item(), reward=rewards.mean().item(),
-                         kl=terms["kl"].item(), think_len=think_len, samples_per_s=n_samples / (time.time() - start))
+                         kl=terms["kl"].item(), think_len=sum(len(block(t, "think") or []) for t in texts) / len(texts),
+                         samples_per_s=n_samples / (time.time() - start))
     return curve
 
 
 @torch.no_grad()
 def answer_rows(model, tok, rows, mode, device, max_think, think_override=None):
     """Greedy responses and judge scores; think_override: a think block forced on each row (the scramble test)."""
-    texts = [None] * len(rows)
-    groups = {}  # rows with equal prompt length are decoded together
+    texts, groups = [None] * len(rows), {}  # rows with equal prompt length are decoded together
     for i, row in enumerate(rows):
         words = prompt_words(row, mode)
         if think_override is not None:
@@ -609,78 +588,63 @@ def answer_rows(model, tok, rows, mode, device, max_think, think_override=None):
         groups.setdefault(len(words), []).append((i, tok.encode(words)))
     max_new = 3 if (mode == "direct" or think_override is not None) else max_think + 5
     for items in groups.values():
-        for c in range(0, len(items), 1024):
-            chunk = items[c:c + 1024]
-            prompt = torch.tensor([ids for _, ids in chunk], device=device)  # (n, P)
-            with autocast(device):
-                tokens, mask = generate(model, prompt, max_new, tok.id["</answer>"], tok.id["<pad>"], greedy=True)
-            for (i, ids), t, m in zip(chunk, tokens, mask):
-                texts[i] = tok.decode(ids[len(prompt_words(rows[i], mode)) - len(PREFILL[mode]):] + t[m].tolist())
-    scores = [answer_reward(" ".join(block(t, "answer") or []), r["answer"]) if block(t, "answer") is not None
-              else 0.0 for t, r in zip(texts, rows)]
-    return texts, scores
+        prompt = torch.tensor([ids for _, ids in items], device=device)  # (n, P)
+        with autocast(device):
+            tokens, mask = generate(model, prompt, max_new, tok.id["</answer>"], tok.id["<pad>"], greedy=True)
+        for (i, ids), t, m in zip(items, tokens, mask):  # the response text starts at the prefill
+            texts[i] = tok.decode(ids[len(prompt_words(rows[i], mode)) - len(PREFILL[mode]):] + t[m].tolist())
+    return texts, [judge(t, r["answer"]) for t, r in zip(texts, rows)]
 
 
 def per_task(rows, scores):
-    out = {}
-    for task in TASKS:
-        s = [x for x, r in zip(scores, rows) if r["task"] == task]
-        if s:
-            out[task] = dict(zip(("strict", "relaxed"), strict_relaxed(s)))
-    return out
+    """{task: {"strict", "relaxed"}} over the rows of each task present."""
+    by_task = {t: [x for x, r in zip(scores, rows) if r["task"] == t] for t in TASKS}
+    return {t: dict(zip(("strict", "relaxed"), strict_relaxed(s))) for t, s in by_task.items() if s}
 
 
 def evaluate(model, tok, train, test, ood, mode, cfg, device, seed):
-    """Strict / relaxed per task on test, train and OOD ads; for thinking arms grounding and the scramble test."""
-    texts, scores = answer_rows(model, tok, test, mode, device, cfg.max_think)
-    strict, relaxed = strict_relaxed(scores)
-    tasks = per_task(test, scores)
-    two = [s for s, r in zip(scores, test) if r["task"] in TWO_CLUE]
-    _, train_scores = answer_rows(model, tok, train, mode, device, cfg.max_think)
-    res = {"strict": strict, "relaxed": relaxed, "per_task": tasks, "two_clue_strict": strict_relaxed(two)[0],
-           "two_clue_relaxed": strict_relaxed(two)[1], "train_strict": strict_relaxed(train_scores)[0],
-           "train_relaxed": strict_relaxed(train_scores)[1],
+    """Strict / relaxed per task on test, train and OOD ads; for thinking arms grounding, scramble and oracle."""
+    answer = lambda rows, think=None: answer_rows(model, tok, rows, mode, device, cfg.max_think, think)
+    two = lambda scores: strict_relaxed([s for s, r in zip(scores, test) if r["task"] in TWO_CLUE])
+    (texts, scores), (_, train_scores) = answer(test), answer(train)
+    res = {"strict": strict_relaxed(scores)[0], "relaxed": strict_relaxed(scores)[1],
+           "per_task": per_task(test, scores), "two_clue_strict": two(scores)[0], "two_clue_relaxed": two(scores)[1],
+           "train_strict": strict_relaxed(train_scores)[0], "train_relaxed": strict_relaxed(train_scores)[1],
            "train_per_task": {t: v["strict"] for t, v in per_task(train, train_scores).items()}}
     if ood:
-        res["ood_strict"] = strict_relaxed(answer_rows(model, tok, ood, mode, device, cfg.max_think)[1])[0]
+        res["ood_strict"] = strict_relaxed(answer(ood)[1])[0]
     if mode == "reason":
         thinks = [block(t, "think") or [] for t in texts]
-        for key, keep in (("", lambda r: True), ("_two_clue", lambda r: r["task"] in TWO_CLUE)):
-            g = [grounding(th, r["clues"].split(), r["frames"].split()) for th, r in zip(thinks, test) if keep(r)]
+        for key, tasks in (("", TASKS), ("_two_clue", TWO_CLUE)):
+            g = [grounding(th, r["clues"].split(), r["frames"].split()) for th, r in zip(thinks, test)
+                 if r["task"] in tasks]
             n = max(sum(x[1] for x in g), 1)
             res["grounding_precision" + key] = sum(x[0] for x in g) / n
             res["grounding_chance" + key] = sum(x[1] * x[2] for x in g) / n  # length-weighted, like the precision
-            res["grounding_recall" + key] = sum(
-                len(set(th) & set(r["clues"].split())) / len(set(r["clues"].split()))
-                for th, r in zip(thinks, test) if keep(r)) / max(sum(map(keep, test)), 1)
+            res["grounding_recall" + key] = sum(x[3] for x in g) / max(len(g), 1)
         res["think_len"] = sum(map(len, thinks)) / len(thinks)
-        # scramble: the same number of think words, drawn at random from the ad's own frames
+        # scramble: as many think words, drawn at random from the ad's own frames, then the answer
         rng = random.Random(seed)
-        scrambled = [[rng.choice(r["frames"].split()) for _ in th] for th, r in zip(thinks, test)]
-        _, s_scores = answer_rows(model, tok, test, mode, device, cfg.max_think, think_override=scrambled)
+        s_scores = answer(test, [[rng.choice(r["frames"].split()) for _ in th] for th, r in zip(thinks, test)])[1]
         res["scramble_strict"] = strict_relaxed(s_scores)[0]
-        res["scramble_drop"] = strict - res["scramble_strict"]
-        s_two = [s for s, r in zip(s_scores, test) if r["task"] in TWO_CLUE]
-        res["scramble_drop_two_clue"] = res["two_clue_strict"] - strict_relaxed(s_two)[0]
+        res["scramble_drop"] = res["strict"] - res["scramble_strict"]
+        res["scramble_drop_two_clue"] = res["two_clue_strict"] - two(s_scores)[0]
         # oracle: the gold clues forced into the think block (how well the answer step maps clues to answers)
-        o_scores = answer_rows(model, tok, test, mode, device, cfg.max_think, [r["clues"].split() for r in test])[1]
+        o_scores = answer(test, [r["clues"].split() for r in test])[1]
         res["oracle_think_strict"] = strict_relaxed(o_scores)[0]
         res["oracle_think_per_task"] = {t: v["strict"] for t, v in per_task(test, o_scores).items()}
     return res
 
 
 def print_table(arms):
-    cols = ["strict", "relaxed", "VU", "ER", "TE", "PS", "AM", "two_clue", "train", "ood", "prec/chance", "scramble"]
-    log(f"{'arm':<12}" + "".join(f"{c:>12}" for c in cols))
+    log(f"{'arm':<12}" + "".join(f"{c:>9}" for c in ("strict", "relaxed") + TASKS + ("2-clue", "train", "ood"))
+        + "  precision/chance  scramble")
     for name, r in arms.items():
-        pt = r["per_task"]
-        vals = [r["strict"], r["relaxed"]] + [pt.get(t, {}).get("strict", float("nan")) for t in TASKS] + [
-            r["two_clue_strict"], r["train_strict"], r.get("ood_strict", float("nan"))]
-        cells = [f"{v:>12.3f}" for v in vals]
-        cells.append(f"{r['grounding_precision']:.2f}/{r['grounding_chance']:.2f}".rjust(12)
-                     if "grounding_precision" in r else f"{'-':>12}")
-        cells.append(f"{r['scramble_drop']:>12.3f}" if "scramble_drop" in r else f"{'-':>12}")
-        log(f"{name:<12}" + "".join(cells))
+        vals = [r["strict"], r["relaxed"]] + [r["per_task"].get(t, {}).get("strict", math.nan) for t in TASKS] + [
+            r["two_clue_strict"], r["train_strict"], r.get("ood_strict", math.nan)]
+        extra = (f"{r['grounding_precision']:>10.2f}/{r['grounding_chance']:.2f}{r['scramble_drop']:>10.3f}"
+                 if "scramble_drop" in r else "")
+        log(f"{name:<12}" + "".join(f"{v:>9.3f}" for v in vals) + extra)
 
 
 def run(cfg):
@@ -691,22 +655,17 @@ def run(cfg):
     device = pick_device(cfg.device)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     log(f"config: {dataclasses.asdict(cfg)}")
-    tok = Tokenizer()
-    train, test, ood = load_rows(cfg)
-    log(f"data: {len(train)} training, {len(test)} test, {len(ood)} OOD questions; vocabulary {len(tok.vocab)}")
-    t0 = time.process_time()
-
-    # the base model: clue listing on VU/ER/PS (both modes), TE/AM facts on clean ads (both modes)
+    tok, (train, test, ood), t0 = Tokenizer(), load_rows(cfg), time.process_time()
+    # the base model: VU/ER/PS with listed clues, TE/AM on simple ads (both modes: reason and direct)
     base = GPT(len(tok.vocab), cfg.d_model, cfg.n_layers, cfg.n_heads).to(device)
-    log(f"model: {sum(p.numel() for p in base.parameters())} parameters")
+    log(f"data: {len(train)} training, {len(test)} test, {len(ood)} OOD questions; vocabulary {len(tok.vocab)}; "
+        f"model: {sum(p.numel() for p in base.parameters())} parameters")
     rng = random.Random(cfg.seed * 1000 + 2)
     sft_train(base, tok, lambda step: tuple(zip(*[base_example(rng) for _ in range(cfg.base_batch)])),
               cfg.base_steps, cfg.lr_base, device, "base", cfg.log_every)
-    arms, times = {}, {"base_time_s": time.process_time() - t0}
-    for mode in ("reason", "direct"):
-        arms[f"base_{'think' if mode == 'reason' else 'direct'}"] = evaluate(base, tok, train, test, ood, mode, cfg,
-                                                                            device, cfg.seed)
-    curves = {}
+    times, curves = {"base_time_s": time.process_time() - t0}, {}
+    arms = {f"base_{n}": evaluate(base, tok, train, test, ood, m, cfg, device, cfg.seed)
+            for n, m in (("think", "reason"), ("direct", "direct"))}
     for k, name in enumerate(a for a in ARMS if a in cfg.arms.split(",")):
         t_arm = time.process_time()
         set_seed(cfg.seed * 1000 + 10 + k)
@@ -714,9 +673,8 @@ def run(cfg):
         mode = "reason" if name in ("rl_think", "sft_trace") else "direct"
         if name.startswith("sft"):
             rng = random.Random(cfg.seed * 1000 + 3)  # the same question stream as the GRPO arms
-            sft_train(model, tok, lambda step: ([train[rng.randrange(len(train))] for _ in range(cfg.prompts)],
-                                                [mode] * cfg.prompts), cfg.steps, cfg.lr_sft, device, name,
-                      cfg.log_every)
+            sample = lambda step: ([train[rng.randrange(len(train))] for _ in range(cfg.prompts)], [mode] * cfg.prompts)
+            sft_train(model, tok, sample, cfg.steps, cfg.lr_sft, device, name, cfg.log_every)
         else:
             curves[name] = grpo_train(model, base, tok, train, mode, cfg, device, name)
         arms[name] = evaluate(model, tok, train, test, ood, mode, cfg, device, cfg.seed)

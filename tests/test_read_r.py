@@ -69,10 +69,12 @@ def test_strict_relaxed_hand_list():
 
 def test_grounding_hand():
     frames = ["car", "teen", "joke", "tree", "nobody", "skull", "car", "teen", "joke", "cup", "nobody", "plain"]
-    # think "car skull car": clues {car, joke} → hits 2 (car, car) of 3; chance = (2 car + 2 joke) / 12 = 1/3
-    hits, n, chance = read_r.grounding(["car", "skull", "car"], ["car", "joke"], frames)
+    # think "car skull car": clues {car, joke} → hits 2 (car, car) of 3; chance = (2 car + 2 joke) / 12 = 1/3;
+    # recall: {car} of {car, joke} named = 1/2
+    hits, n, chance, recall = read_r.grounding(["car", "skull", "car"], ["car", "joke"], frames)
     assert (hits, n) == (2, 3)
     torch.testing.assert_close(chance, 4 / 12)
+    torch.testing.assert_close(recall, 0.5)
 
 
 # --- data ---
