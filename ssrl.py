@@ -27,6 +27,7 @@ Run:
     python ssrl.py                  # pretrain, Self-Search pass@k, SSRL, pass@k again, sim-to-real, stale KB
     python ssrl.py --steps 20       # fewer RL steps
     python ssrl.py --no-info-mask   # the ablation: information tokens get policy-gradient and KL loss
+    python ssrl.py --pack-facts 6 --fact-batch 28 --no-info-mask --no-ablation --no-stale   # facts at all positions
     python ssrl.py --smoke          # the same code path at a tiny size, in seconds (the tests run this)
 
 Result of the default run (2-core shared CPU, 1 thread, seed 0: 220 s CPU, 752 s wall under contention):
@@ -40,7 +41,9 @@ Result of the default run (2-core shared CPU, 1 thread, seed 0: 220 s CPU, 752 s
   pass@k climbs with k, but RL does not raise held-out pass@1 by 0.1 (+0.009). The gap between pass@1 and
   pass@32 sits in the information block: the model writes a true fact there 46% of the time, though the same
   fact line alone is recalled 84% of the time at temperature 1. With the mask on, RL gets no gradient there;
-  with it off, RL sharpens the facts of the people it trains on (+0.07) and not those of anyone else.
+  with it off, RL sharpens the facts of the people it trains on (+0.07) and not those of anyone else. With facts
+  packed 1–6 to a pretraining sequence (learned at many positions; the command above) RL with the mask off
+  gains about as much on held-out as on RL people: pass@1 0.304 → 0.366 vs 0.264 → 0.333 (183 s CPU).
 
 Deviations from the paper (and its official code):
 - A 0.37M-parameter decoder pretrained here on a synthetic knowledge base, not Llama/Qwen 3B–8B on the web;
@@ -96,6 +99,7 @@ class Config:
     n_traj: int = 90  # people whose self-search trajectories are in pretraining
     n_heldout: int = 50  # held-out people: facts only, never in a trajectory or in RL
     max_rep: int = 4  # each fact line is repeated 1..max_rep times (uniform) in the pretraining pool
+    pack_facts: int = 1  # fact lines per pretraining sequence: 1, or 1..N at random (facts at many positions)
     d_model: int = 96  # transformer width
     n_layer: int = 3  # transformer blocks
     n_head: int = 4  # attention heads
@@ -117,7 +121,7 @@ class Config:
 
     def __post_init__(self):
         for name in ("log_every", "n_people", "n_cities", "n_countries", "n_employers", "n_traj", "n_heldout", "max_rep",
-                     "d_model", "n_layer", "n_head", "pretrain_steps", "fact_batch", "traj_batch", "prompts_per_step",
+                     "pack_facts", "d_model", "n_layer", "n_head", "pretrain_steps", "fact_batch", "traj_batch", "prompts_per_step",
                      "n_samples", "max_new"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
         require(self.group >= 2, f"--group {self.group}: GRPO needs at least 2 samples per question")
@@ -146,8 +150,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field_help(cls):
-    """The `# comment` after each Config field is its --help text."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    """The `# comment` after each Config field is its --help text (% escaped for argparse)."""
+    found = re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
 
 
 def parse_config(cls, argv=None):
@@ -350,12 +355,16 @@ def trajectory_text(kb, person, rel):
     return text + f"<think> done</think><answer> {obj}</answer>"
 
 
-def pretraining_pool(kb, tok, traj_people, rng, max_rep):
-    """Fact lines of everyone, each repeated 1..max_rep times; full trajectories of traj_people only."""
+def pretraining_pool(kb, tok, traj_people, rng, max_rep, pack=1):
+    """Fact lines of everyone, each repeated 1..max_rep times (pack > 1: 1..pack random lines to a sequence, so
+    facts are also learned away from the start); full trajectories of traj_people only."""
     facts = []
     for (subj, rel), obj in sorted(kb.facts.items()):
         line = tok.encode(f"<s> {subj} {RELATIONS[rel]} {obj}")
         facts += [line] * rng.randint(1, max_rep)
+    if pack > 1:
+        facts = [facts[0][:1] + [t for _ in range(rng.randint(1, pack)) for t in rng.choice(facts)[1:]]
+                 for _ in range(3 * len(facts))]
     trajs = [tok.encode("<s> " + prompt_text(p, r) + trajectory_text(kb, p, r))
              for p in traj_people for r in RELATIONS]
     return facts, trajs
@@ -383,7 +392,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         if cache is not None:  # write this step's keys/values at [start, start+T), attend to everything so far
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
-            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]  # (B, nh, start+T, hs)
+            k, v = cache[0][:, :, :start + T].to(q.dtype), cache[1][:, :, :start + T].to(q.dtype)  # (B, nh, start+T, hs)
         causal = attn_mask is None and T > 1  # no mask: causal for a full sequence (or a prefill), none for one new token
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, nh, T, hs)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, D))
@@ -741,7 +750,7 @@ def run(cfg):
     traj_people, heldout = people[:cfg.n_traj], people[cfg.n_traj:cfg.n_traj + cfg.n_heldout]
     rl_people = people[cfg.n_traj + cfg.n_heldout:]
     tok = Tokenizer(sorted({w for r in rows for c in COLUMNS for w in r[c].split()} | set(FILLER) | set(RELATIONS)))
-    facts, trajs = pretraining_pool(kb, tok, traj_people, random.Random(cfg.seed + 2), cfg.max_rep)
+    facts, trajs = pretraining_pool(kb, tok, traj_people, random.Random(cfg.seed + 2), cfg.max_rep, cfg.pack_facts)
     model = GPT(len(tok.raw), cfg.d_model, cfg.n_layer, cfg.n_head, 192).to(device)
     log(f"{len(kb.people)} people: {len(traj_people)} with trajectories, {len(rl_people)} for RL, {len(heldout)} held out; "
         f"{len(facts)} fact lines, {len(trajs)} trajectories; vocab {len(tok.raw)}; "
