@@ -51,7 +51,7 @@ Deviations from the paper (and its official code):
   base model follow the format is replaced by formatted trajectories of a subset of people in pretraining.
 - GRPO with one policy update per batch (π_old = π_θ, so ρ = 1 and the clip never fires), group size 8,
   24 questions × 25 steps (each RL person's question seen about once), lr 1e-4 on this tiny model (paper:
-  group 5, lr 1e-6 on 3B–8B models); no entropy bonus. 3e-4 degraded recall, 3e-5 changed nothing.
+  group 5, lr 1e-6 on 3B–8B models); no entropy bonus. In 30-step trials 3e-4 degraded recall, 3e-5 did little.
 - Information masking by token ids (the official regex misses multi-line blocks).
 - The "real search engine" for sim-to-real is an exact lookup in the knowledge base (query: subject words
   then the relation word); a query it cannot parse gets "no result".
