@@ -1,15 +1,13 @@
 """MSI-Agent: Multi-Scale Insight for embodied planning — arXiv 2409.16686 (https://arxiv.org/abs/2409.16686)
 
-An embodied agent improves from experience by turning past trajectories into insights (rules) and putting the
-relevant ones into its planner's context. MSI keeps insights at three scales — general (every task), environment
-(one room type), subtask (one kind of task) — in an insight database and selects them by scale, so the planner's
-limited context holds the rules that apply, not a flat list (ExpeL) with other rooms' rules in it.
-
-Here: a text household whose action preconditions are hidden at the three scales; exploration episodes; the
-experience selector (success mode; pair mode by query-embedding similarity); LLM-free insight generation by
-contrasting a failure with its paired success, with the paper's operations and scores; a SQLite insight database;
-hashmap and vector insight selection; a small transformer planner trained by behaviour cloning to follow the rule
-lines in its context (its demonstrations carry random rules, so the only way to know a rule is to read it).
+An agent turns past trajectories into insights (rules) for its planner's context. MSI keeps them at three scales —
+general, environment (a room type), subtask (a kind of task) — in an insight database and selects by scale, so the
+limited context holds the rules that apply, not a flat list (ExpeL) with other rooms' rules. Here: a text household
+with action preconditions hidden at the three scales; exploration; the experience selector (success / pair mode);
+LLM-free insight generation with the paper's operations and scores; a SQLite insight database; hashmap and vector
+selection; a small transformer planner trained to follow the rule lines in its context (its demonstrations carry
+random rules: it knows a rule only by reading it). Its words are tokenized by an offline tiktoken encoding in which
+every vocabulary word is one token; a compact table (ROW) maps the ~60 token ids in use to its embedding rows.
 
 Key equations (symbols as in the code):
     pair mode     f*(s) = argmax_f cos(e(q_s), e(q_f)),   e(q) = hashed bag of words / ||.||
@@ -27,7 +25,7 @@ Run:
     python msi_agent.py --steps 200      # shorter planner training
     python msi_agent.py --smoke          # the same code path at a tiny size, in seconds (the tests run this)
 
-Result of the default run (2-core CPU, 1 thread: 120 s CPU, 37 s of it the planner, 401 s wall on a shared machine;
+Result of the default run (2-core CPU, 1 thread: 110 s CPU, 35 s of it the planner, 119 s wall, quiet machine;
 mean of 3 exploration seeds, 1000 test tasks each):
     arm               SR in domain  GC    | held-out room SR  (tasks whose rules are shared / need a new rule)
     none              0.000         0.000 | 0.000  (0.000 / 0.000)
@@ -39,22 +37,19 @@ mean of 3 exploration seeds, 1000 test tasks each):
     flat_msi_rules    0.191         0.110 | 0.184  (0.401 / 0.000)   (MSI's own rules, unscoped)
     msi_hashmap with the room hidden from the planner: SR 0.820 (0.820 shown)
     budget 3 / 5 / 8 / 12 / 30 lines: msi_hashmap 0.042 0.422 0.820 0.820 0.820, flat 0.191 0.234 0.279 0.279 0.279
-    domain shift (kitchen SR; store built kitchen -> + living room -> + bedroom): MSI 0.670 -> 0.668, flat 0.670 -> 0.193
-    hidden rules recovered (of 12): pair mode 0.94 (0.89 at the right scale, 2.3 spurious); success mode 1.00 (29
-    spurious, 8 of them redundant chained rules such as "before heat X, open microwave")
+    domain shift (kitchen SR; kitchen -> + living room -> + bedroom): MSI 0.670 -> 0.668, flat 0.670 -> 0.193
+    hidden rules recovered (of 12): pair mode 0.94 (0.89 at the right scale, 2.3 spurious);
+    success mode 1.00 (29 spurious, 8 of them redundant chained rules: a step another rule already requires)
 
 Deviations from the paper (and its official code):
-- No LLM. Insights come from a rule: contrast the failure's first failing action with the steps the paired success
-  ran right before the same action. ADD/AGREE/EDIT/REMOVE/MOVE follow from evidence: REMOVE when a success seen so
-  far (the whole pool, not only the batch: without an LLM's prior a batch cannot refute chance co-occurrence) ran
-  the trigger inside the rule's scope without the precondition; EDIT turns a concrete argument into "X" once a second
-  argument agrees; MOVE when the rooms/kinds that support a rule change its scale. One operation per rule per batch.
+- No LLM. A rule contrasts the failure's first failing action with the steps the paired success ran right before it.
+  REMOVE when a success seen so far (the whole pool: without an LLM's prior a batch cannot refute chance) ran the
+  trigger inside the rule's scope without the precondition; EDIT turns a concrete argument into "X" once a second
+  argument agrees; MOVE when the rooms/kinds supporting a rule change its scale. One operation per rule per batch.
 - One room and one kind of evidence puts a rule at the environment scale (the paper's LLM chooses).
-- Hashmap selection reads the subtask names off the task (the paper asks an LLM to map the query to names).
-- Embeddings are 64-dim hashed bags of words, not a sentence encoder.
-- The planner is a 2-layer transformer (not an LLM) that writes the core actions token by token and copies the rule
-  lines that apply to each (a pointer head); its vocabulary is a closed symbol table, one id per word, no tiktoken.
-  The context budget counts rule lines (one position each).
+- Hashmap selection reads the subtask names off the task (the paper asks an LLM). Embeddings: 64-dim hashed words.
+- The planner is a 2-layer transformer with a pointer head that copies the rule lines applying to each core step,
+  not an LLM; the context budget counts rule lines (one position each).
 - The flat baseline is an ExpeL-like store: the same generator with one scale, so a rule is refuted anywhere.
 - TEACh/ALFWorld are replaced by the toy; out of domain is a held-out room type (office) with one environment rule
   shared with the living room and one new one. The planner is trained once; seeds vary exploration and test tasks.
@@ -79,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tiktoken
 import datasets
 
 # --- config ---
@@ -108,20 +104,16 @@ class Config:
     eval_episodes: int = 1000  # test tasks per condition (in domain and out of domain each)
     budget: int = 8  # context budget in rule lines (chosen from the sweep: the smallest at which hashmap plateaus)
     sweep: str = "3,5,8,12,30"  # budgets for the context-budget sweep
-    experience_sweep: str = "100,250,1000,4000"  # exploration sizes for the induction-needs-experience check (seed 0)
     shift_episodes: int = 700  # exploration episodes per room in the sequential domain-shift test
 
     def __post_init__(self):
-        require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        for name in ("batch_size", "d_model", "n_layer", "n_head", "max_lines", "seeds", "explore_episodes",
-                     "pair_batch", "eval_episodes", "budget", "shift_episodes"):
+        for name in ("log_every", "batch_size", "d_model", "n_layer", "n_head", "max_lines", "seeds",
+                     "explore_episodes", "pair_batch", "eval_episodes", "budget", "shift_episodes", "lr"):
             require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
         require(self.d_model % self.n_head == 0, f"--d-model {self.d_model}: must be a multiple of --n-head")
         require(0 < self.explore_p < 1, f"--explore-p {self.explore_p}: must be in (0, 1)")
-        require(self.lr > 0, f"--lr {self.lr}: must be positive")
-        for name in ("sweep", "experience_sweep"):
-            require(re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", getattr(self, name)) is not None,
-                    f"--{name.replace('_', '-')} {getattr(self, name)}: a comma-separated list of positive numbers")
+        require(re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", self.sweep) is not None,
+                f"--sweep {self.sweep}: a comma-separated list of positive numbers")
         require(self.budget <= self.max_lines and max(map(int, self.sweep.split(","))) <= self.max_lines,
                 f"--budget/--sweep: at most --max-lines {self.max_lines} lines")
 
@@ -143,8 +135,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field_help(cls):
-    """The `# comment` after each Config field is its --help text."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    """The `# comment` after each Config field is its --help text (% escaped for argparse)."""
+    found = re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
 
 
 def parse_config(cls, argv=None):
@@ -366,12 +359,11 @@ def explore(rng, task, p):
 def parse_user_tasks(ds, path):
     tasks = []
     for i, row in enumerate(ds, 1):
-        require(row["room"] in ROOMS + (OOD_ROOM,), f"--data {path}, row {i}: unknown room '{row['room']}'")
         words = [str(s).split() for s in row["subtasks"]]
-        for w in words:
-            require(len(w) in (2, 3) and w[0] in KIND_OBJECTS and w[1] in KIND_OBJECTS[w[0]] and (len(w) == 3) == (
-                w[0] == "place") and (len(w) == 2 or w[2] in PLACE_RECEPTACLES), f"--data {path}, row {i}: bad subtask {w}")
-        require(1 <= len(words) <= 2, f"--data {path}, row {i}: give 1 or 2 subtasks")
+        ok = row["room"] in ROOMS + (OOD_ROOM,) and 1 <= len(words) <= 2 and all(
+            len(w) in (2, 3) and w[0] in KIND_OBJECTS and w[1] in KIND_OBJECTS[w[0]] and (len(w) == 3) == (w[0] == "place")
+            and (len(w) == 2 or w[2] in PLACE_RECEPTACLES) for w in words)
+        require(ok, f"--data {path}, row {i}: room {row['room']!r}, subtasks {row['subtasks']!r}: unknown room or subtask")
         tasks.append(Task(row["room"], tuple((w[0], w[1], w[2] if len(w) == 3 else "none") for w in words)))
     return tasks
 
@@ -404,7 +396,7 @@ class InsightDB:
     COLS = "id, scale, environment, subtask, rule, score, support, evidence, embedding"
 
     def __init__(self, path=":memory:"):
-        self.con, self.pool = sqlite3.connect(path), collections.defaultdict(list)  # the generator's successes
+        self.con, self.pool = sqlite3.connect(path), collections.defaultdict(list)  # pool: index of the successes seen
         with self.con:
             self.con.executescript("""
             CREATE TABLE IF NOT EXISTS insights (id INTEGER PRIMARY KEY, scale TEXT NOT NULL, environment TEXT NOT NULL,
@@ -414,48 +406,50 @@ class InsightDB:
             CREATE TABLE IF NOT EXISTS experiences (id INTEGER PRIMARY KEY, room TEXT NOT NULL, query TEXT NOT NULL,
                 success INTEGER NOT NULL, trajectory TEXT NOT NULL);""")
 
-    def _update(self, sql, *args):
-        with self.con:  # one transaction: committed, or rolled back on error
-            return self.con.execute(sql, args)
-
-    def _row(self, r):
-        return dict(zip(self.COLS.split(", "), r[:7]), evidence=json.loads(r[7]), embedding=np.frombuffer(r[8], np.float32))
+    def _update(self, *statements):
+        """(sql, params) pairs as one transaction: committed together, or rolled back on error."""
+        with self.con:
+            return [self.con.execute(sql, params) for sql, params in statements][-1]
 
     def close(self):
         self.con.close()
 
-    def get(self, rid):
-        r = self.con.execute(f"SELECT {self.COLS} FROM insights WHERE id = ?", (rid,)).fetchone()
-        return self._row(r) if r else None
-
-    def select(self, scale=None, environment=None, subtask=None):
+    def select(self, scale=None, environment=None, subtask=None, rid=None):
         """Rows matching the given keys (None: any), best score first."""
-        keys = [(c, v) for c, v in (("scale", scale), ("environment", environment), ("subtask", subtask)) if v is not None]
+        keys = [(c, v) for c, v in (("scale", scale), ("environment", environment), ("subtask", subtask), ("id", rid))
+                if v is not None]
         where = " WHERE " + " AND ".join(f"{c} = ?" for c, _ in keys) if keys else ""
-        return [self._row(r) for r in self.con.execute(f"SELECT {self.COLS} FROM insights{where} ORDER BY score DESC, id",
-                                                       [v for _, v in keys])]
+        rows = self.con.execute(f"SELECT {self.COLS} FROM insights{where} ORDER BY score DESC, id",
+                                [v for _, v in keys])
+        return [dict(zip(self.COLS.split(", "), r[:7]), evidence=json.loads(r[7]),
+                     embedding=np.frombuffer(r[8], np.float32)) for r in rows]
+
+    def get(self, rid):
+        return next(iter(self.select(rid=rid)), None)
 
     def add(self, scale, environment, subtask, rule, support=1, evidence=None):
-        return self._update("INSERT INTO insights (scale, environment, subtask, rule, score, support, evidence, embedding) "
-                            "VALUES (?, ?, ?, ?, 2, ?, ?, ?)", scale, environment, subtask, rule, support,
-                            json.dumps(evidence or {}), embed_text(rule).tobytes()).lastrowid
+        sql = "INSERT INTO insights (scale, environment, subtask, rule, score, support, evidence, embedding) VALUES " \
+              "(?, ?, ?, ?, 2, ?, ?, ?)"
+        args = (scale, environment, subtask, rule, support, json.dumps(evidence or {}), embed_text(rule).tobytes())
+        return self._update((sql, args)).lastrowid
 
     def agree(self, rid, evidence=None):
-        self._update("UPDATE insights SET score = score + 1, support = support + 1, evidence = COALESCE(?, evidence) "
-                     "WHERE id = ?", None if evidence is None else json.dumps(evidence), rid)
+        self._update(("UPDATE insights SET score = score + 1, support = support + 1, evidence = COALESCE(?, evidence) "
+                      "WHERE id = ?", (None if evidence is None else json.dumps(evidence), rid)))
 
     def edit(self, rid, rule):
-        self._update("UPDATE insights SET rule = ?, embedding = ? WHERE id = ?", rule, embed_text(rule).tobytes(), rid)
+        self._update(("UPDATE insights SET rule = ?, embedding = ? WHERE id = ?",
+                      (rule, embed_text(rule).tobytes(), rid)))
 
     def remove(self, rid):
-        with self.con:
-            self.con.execute("UPDATE insights SET score = score - 1 WHERE id = ?", (rid,))
-            self.con.execute("DELETE FROM insights WHERE id = ? AND score <= 0", (rid,))
+        self._update(("UPDATE insights SET score = score - 1 WHERE id = ?", (rid,)),
+                     ("DELETE FROM insights WHERE id = ? AND score <= 0", (rid,)))
 
     def move(self, rid, scale, environment, subtask, rule, evidence=None):
-        self._update("UPDATE insights SET scale = ?, environment = ?, subtask = ?, rule = ?, embedding = ?, score = 2, "
-                     "evidence = COALESCE(?, evidence) WHERE id = ?", scale, environment, subtask, rule,
-                     embed_text(rule).tobytes(), None if evidence is None else json.dumps(evidence), rid)
+        sql = "UPDATE insights SET scale = ?, environment = ?, subtask = ?, rule = ?, embedding = ?, score = 2, " \
+              "evidence = COALESCE(?, evidence) WHERE id = ?"
+        evidence = None if evidence is None else json.dumps(evidence)
+        self._update((sql, (scale, environment, subtask, rule, embed_text(rule).tobytes(), evidence, rid)))
 
     def add_experiences(self, episodes):
         with self.con:
@@ -472,33 +466,25 @@ def select_experiences(episodes, mode="pair"):
     return [(s, fails[j]) for s, j in zip(wins, sim.argmax(1))]  # ties: the first failure
 
 
-def contrast_pair(success, failure):
-    """The failure's first failing core action (v, a_f); the steps the success ran right before its own v-action (since
-    its previous core action) that the failure had not run before failing.
-    Returns [(rule with the success's argument, argument == the trigger's, subtask kind)]."""
-    i = next((i for i, st in enumerate(failure["steps"]) if st[2] >= 0 and not st[3]), None)
-    if i is None:
+def contrast_pair(success, failure=None):
+    """Candidate rules: the steps a success ran right before each of its core actions (since the previous one).
+    Pair mode: only before the failure's first failing core action v, and only steps the failure had not run before
+    failing. Success mode (failure None): every core action. Returns [(rule with the success's argument,
+    argument == the trigger's, subtask kind)]."""
+    steps_f = [] if failure is None else failure["steps"]
+    i = next((i for i, st in enumerate(steps_f) if st[2] >= 0 and not st[3]), None)
+    if failure is not None and i is None:
         return []
-    (v, a_f), done_f, seg = failure["steps"][i][:2], {st[:2] for st in failure["steps"][:i] if st[3]}, []
-    for pv, pa, si, ok in success["steps"]:
-        if si < 0:
-            seg.append((pv, pa))
-        elif pv == v:
-            return [((v, qv, qa), qa == pa, success["kinds"][si]) for qv, qa in dict.fromkeys(seg)
-                    if (qv, a_f if qa == pa else qa) not in done_f]
-        else:
-            seg = []
-    return []
-
-
-def success_candidates(success):
-    """Success mode: each step a success ran right before each of its core actions is a candidate rule."""
+    (v_f, a_f), done_f = steps_f[i][:2] if steps_f else (None, None), {st[:2] for st in steps_f[:i] if st[3]}
     out, seg = [], []
     for v, a, si, ok in success["steps"]:
-        if si >= 0:
-            out += [((v, qv, qa), qa == a, success["kinds"][si]) for qv, qa in dict.fromkeys(seg)]
+        if si >= 0 and v_f in (None, v):
+            out += [((v, qv, qa), qa == a, success["kinds"][si]) for qv, qa in dict.fromkeys(seg)
+                    if (qv, a_f if qa == a else qa) not in done_f]
+            if v_f is not None:
+                return out
         seg = seg + [(v, a)] if si < 0 else []
-    return out
+    return [] if v_f is not None else out
 
 
 def scale_of(evidence):
@@ -509,19 +495,9 @@ def scale_of(evidence):
     return ("environment", rooms[0], "") if len(rooms) == 1 else ("subtask", "", kinds[0])
 
 
-def pool_index(successes, index):
-    """Add to index: trigger verb -> [(room, kind, argument, actions done before it)] for each success."""
-    for ep in successes:
-        done = set()
-        for v, a, si, ok in ep["steps"]:
-            if si >= 0:
-                index[v].append((ep["room"], ep["kinds"][si], a, frozenset(done)))
-            done.add((v, a))
-    return index
-
-
 def refuted(rule, scope, index):
-    """Some success inside the scope ran the trigger without the precondition having run before it."""
+    """Some success inside the scope ran the trigger without the precondition having run before it.
+    index: trigger verb -> [(room, kind, argument, actions done before it)] over the successes seen so far."""
     scale, env, kind = scope
     return any(needed(rule, a) not in done for room, k, a, done in index.get(rule[0], ())
                if (scale != "environment" or room == env) and (scale != "subtask" or k == kind))
@@ -530,14 +506,18 @@ def refuted(rule, scope, index):
 def generate_insights(db, batches, scoped=True):
     """ADD / AGREE / EDIT / REMOVE / MOVE for each batch of (success, failure or None), one operation per rule per
     batch. scoped=False: the ExpeL-like flat store (one scale). Returns the operation counts."""
-    ops, flat = collections.Counter(), ("general", "", "")
+    ops, flat, index = collections.Counter(), ("general", "", ""), db.pool
     for batch in batches:
-        index, cands, touched = pool_index([s for s, _ in batch], db.pool), {}, set()
+        cands, touched = collections.defaultdict(lambda: {"rooms": set(), "kinds": set()}), set()
         for s, f in batch:
-            for rule, same, kind in (contrast_pair(s, f) if f is not None else success_candidates(s)):
-                ev = cands.setdefault((rule, same), {"rooms": set(), "kinds": set()})
-                ev["rooms"].add(s["room"])
-                ev["kinds"].add(kind)
+            done = set()  # the pool index gains this success's core actions
+            for v, a, si, ok in s["steps"]:
+                if si >= 0:
+                    index[v].append((s["room"], s["kinds"][si], a, frozenset(done)))
+                done.add((v, a))
+            for rule, same, kind in contrast_pair(s, f):
+                cands[rule, same]["rooms"].add(s["room"])
+                cands[rule, same]["kinds"].add(kind)
         for r in db.select():  # REMOVE: refuted by a success of the pool inside the rule's scope
             if refuted(parse_rule(r["rule"]), (r["scale"], r["environment"], r["subtask"]), index):
                 db.remove(r["id"])
@@ -555,8 +535,7 @@ def generate_insights(db, batches, scoped=True):
                     rows[general] = rows.pop(parse_rule(sibling["rule"]))
                     touched.add(sibling["id"])
                     ops["EDIT"] += 1
-                continue
-            if target is None:  # ADD at the scale its evidence implies, unless a success already refutes it there
+            elif target is None:  # ADD at the scale its evidence implies, unless a success already refutes it there
                 ev = {"rooms": sorted(ev["rooms"]), "kinds": sorted(ev["kinds"]), "same": same}
                 scope = scale_of(ev) if scoped else flat
                 cand = next((c for c in ((rule, general) if same else (rule,)) if not refuted(c, scope, index)), None)
@@ -564,21 +543,19 @@ def generate_insights(db, batches, scoped=True):
                     rows[cand] = db.get(db.add(*scope, rule_text(cand, scope[2]), len(ev["rooms"]), ev))
                     touched.add(rows[cand]["id"])
                     ops["ADD"] += 1
-                continue
-            if target["id"] in touched:
-                continue
-            old = target["evidence"]
-            ev = {"rooms": sorted(set(old["rooms"]) | ev["rooms"]), "kinds": sorted(set(old["kinds"]) | ev["kinds"]),
-                  "same": old["same"]}
-            scope = scale_of(ev) if scoped else flat
-            if scope != (target["scale"], target["environment"], target["subtask"]):  # MOVE to the scale it now has
-                db.move(target["id"], *scope, rule_text(parse_rule(target["rule"]), scope[2]), ev)
-                ops["MOVE"] += 1
-            else:
-                db.agree(target["id"], ev)
-                ops["AGREE"] += 1
-            touched.add(target["id"])
-            rows[parse_rule(target["rule"])] = db.get(target["id"])
+            elif target["id"] not in touched:  # AGREE, or MOVE to the scale its evidence now implies
+                old = target["evidence"]
+                ev = {"rooms": sorted(set(old["rooms"]) | ev["rooms"]), "kinds": sorted(set(old["kinds"]) | ev["kinds"]),
+                      "same": old["same"]}
+                scope = scale_of(ev) if scoped else flat
+                if scope != (target["scale"], target["environment"], target["subtask"]):
+                    db.move(target["id"], *scope, rule_text(parse_rule(target["rule"]), scope[2]), ev)
+                    ops["MOVE"] += 1
+                else:
+                    db.agree(target["id"], ev)
+                    ops["AGREE"] += 1
+                touched.add(target["id"])
+                rows[parse_rule(target["rule"])] = db.get(target["id"])
     return dict(ops)
 
 
@@ -586,6 +563,7 @@ def select_insights(db, task, mode="hashmap", budget=8):
     """Rule texts for the planner's context, at most `budget` lines. hashmap / vector: general + environment(room) by
     score, then subtask rules looked up by the task's subtask names (hashmap) or ranked by cos(e(query), e(rule))
     (vector). general: general rules only. flat: every rule by score. none: nothing."""
+    require(mode in ("none", "flat", "general", "hashmap", "vector"), f"unknown selection mode {mode}")
     if mode in ("none", "flat"):
         return [r["rule"] for r in db.select()][:budget] if mode == "flat" else []
     rules = db.select("general", "", "") + (db.select("environment", task.room, "") if mode != "general" else [])
@@ -595,8 +573,6 @@ def select_insights(db, task, mode="hashmap", budget=8):
     elif mode == "vector":
         q = embed_text(query_text(task))  # (64,)
         rules += sorted(db.select("subtask"), key=lambda r: (-float(q @ r["embedding"]), r["id"]))
-    elif mode != "general":
-        raise ValueError(f"unknown selection mode {mode}")
     return [r["rule"] for r in rules][:budget]
 
 
@@ -610,24 +586,47 @@ def success_rate_and_gc(episodes):
 
 # --- model: the planner reads the task and the rule lines, writes the plan ---
 
-VOCAB = ("<pad>", "<rules>", "<plan>", "<eos>") + tuple(dict.fromkeys(
-    ROOMS + (OOD_ROOM, "unk", "none") + KINDS + CORE_VERBS + PRE_VERBS + PRE_ARGS))
-TOK = {w: i for i, w in enumerate(VOCAB)}  # a closed symbol table: one id per word
+
+def word_encoding(words, specials):
+    """An offline tiktoken.Encoding over a closed vocabulary (the stock ones download their files).
+
+    Ranks: the 256 single bytes, then every prefix of every word (with and without a leading space), so
+    BPE merges each vocabulary word into one token; unknown text still encodes, byte by byte. `specials`
+    (tags such as "<think>") become special tokens: encode with allowed_special="all".
+    """
+    ranks = {bytes([i]): i for i in range(256)}
+    for word in sorted(set(words)):
+        for w in (word.encode(), b" " + word.encode()):
+            for end in range(2, len(w) + 1):
+                ranks.setdefault(w[:end], len(ranks))
+    special_tokens = {s: len(ranks) + i for i, s in enumerate(specials)}
+    return tiktoken.Encoding(name="closed_words", pat_str=r" ?[^\s<>]+| ?<[^\s<>]*>?|\s+",
+                             mergeable_ranks=ranks, special_tokens=special_tokens)
+
+
+SPECIALS = ("<pad>", "<rules>", "<plan>", "<eos>")
+VOCAB = SPECIALS + tuple(dict.fromkeys(ROOMS + (OOD_ROOM, "unk", "none") + KINDS + CORE_VERBS + PRE_VERBS + PRE_ARGS))
+ENC = word_encoding(VOCAB[len(SPECIALS):], SPECIALS)  # each " word" and each tag is one tiktoken token
+# tiktoken id -> planner embedding row: the ~60 ids in use get rows 0..59 (row r is the word VOCAB[r]), so the
+# embedding and output tables stay vocabulary-sized instead of spanning all ~1,000 ranks of the encoding
+ROW = {ENC.encode_single_token(w if w in SPECIALS else " " + w): r for r, w in enumerate(VOCAB)}
 PAD, RULES_TOK, PLAN_TOK, EOS = range(4)
 
 
+def tokenize(items):
+    """Planner rows of word triples: one tiktoken call on " w1 w2<tag> w3 ..." (every word is one token), then ROW."""
+    words = [w for item in items for w in item]
+    ids = ENC.encode("".join(w if w in SPECIALS else " " + w for w in words), allowed_special="all")
+    require(len(ids) == len(words), f"words outside the planner's vocabulary: {words}")
+    return [[ROW[i] for i in ids[k:k + 3]] for k in range(0, len(ids), 3)]
+
+
 def encode_prompt(task, rules, hide_room=False):
-    """One position per item, a triple of word ids each: (room), (kind, object, receptacle) x 2, <rules>,
+    """One position per item, three rows each: (room), (kind, object, receptacle) x 2, <rules>,
     (trigger, pre-verb, pre-argument) per rule line, <plan>."""
     subs = list(task.subtasks) + [("none", "none", "none")] * (2 - len(task.subtasks))
     items = [("unk" if hide_room else task.room, "<pad>", "<pad>")] + subs + [("<rules>", "<pad>", "<pad>")]
-    return [tuple(TOK[w] for w in item) for item in items + list(rules) + [("<plan>", "<pad>", "<pad>")]]
-
-
-def expand_plan(task, rules):
-    """The demonstrated plan: before each core action, what each context rule it triggers asks for, in context order."""
-    return [act for s in task.subtasks for v, a in core_actions(s)
-            for act in [needed(r, a) for r in rules if r[0] == v] + [(v, a)]]
+    return tokenize(items + list(rules) + [("<plan>", "<pad>", "<pad>")])
 
 
 def assemble_plan(steps, rules):
@@ -642,13 +641,13 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, x, mask=None, cache=None):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:
+        if cache is not None:  # decoding one step: it sees every cached position
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)  # (B, nh, T, hs)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln2(x)), (k, v)
 
@@ -665,11 +664,11 @@ class Planner(nn.Module):
         self.ln, self.verb_head, self.arg_head = nn.LayerNorm(d), nn.Linear(d, len(VOCAB)), nn.Linear(d, len(VOCAB))
         self.ptr_q, self.ptr_k = nn.Linear(d, d), nn.Linear(d, d)
 
-    def forward(self, idx, pos, mask=None, cache=None):
+    def forward(self, idx, pos, cache=None):
         x = sum(emb(idx[..., i]) for i, emb in enumerate(self.fields)) + self.pos(pos)  # (B, T, d)
         new_cache = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, mask, None if cache is None else cache[i])
+            x, kv = blk(x, None if cache is None else cache[i])
             new_cache.append(kv)
         h = self.ln(x)  # (B, T, d)
         return self.verb_head(h), self.arg_head(h), h, new_cache
@@ -681,32 +680,23 @@ class Planner(nn.Module):
 
 @torch.no_grad()
 def generate(model, prompts, n_lines, device, max_steps):
-    """Greedy decoding with a KV cache; prompts left-padded, positions count real items only.
+    """Greedy decoding with a KV cache; all prompts hold n_lines rule lines (one length, no padding).
     Returns per prompt [((verb, arg), [indices of the rule lines pointed at]), ...] up to <eos>."""
-    B, T, L = len(prompts), max(map(len, prompts)), max(n_lines + [1])
-    idx, valid = torch.zeros(B, T, 3, dtype=torch.long), torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        idx[i, T - len(p):], valid[i, T - len(p):] = torch.tensor(p), True
-    idx, valid = idx.to(device), valid.to(device)
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-    mask = (torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None] & valid[:, None, :]) | \
-        torch.eye(T, dtype=torch.bool, device=device)[None]  # (B, T, T): causal, padding masked, self always
+    idx = torch.tensor(prompts, device=device)  # (B, P, 3)
+    B, P, _ = idx.shape
     with autocast(device):
-        vl, al, h, cache = model(idx, pos, mask[:, None])
-    lines = torch.tensor([[T - 1 - n + min(j, n - 1) if n else 0 for j in range(L)] for n in n_lines], device=device)
-    line_ok = torch.arange(L, device=device)[None] < torch.tensor(n_lines, device=device)[:, None]  # (B, L)
-    h_lines = h.gather(1, lines[..., None].expand(-1, -1, h.shape[-1])).float()  # (B, L, d)
-    cur, out, alive = pos[:, -1:], [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=device)
-    for _ in range(max_steps):
+        vl, al, h, cache = model(idx, torch.arange(P, device=device)[None])
+    h_lines = h[:, 4:4 + n_lines].float()  # (B, n, d): rule lines sit at positions 4 .. 4+n-1
+    out, alive = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=device)
+    for t in range(max_steps):
         verb, arg = vl[:, -1].argmax(-1), al[:, -1].argmax(-1)  # (B,) each
         alive &= verb != EOS
         if not bool(alive.any()):
             break
-        valid, cur = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1), cur + 1
+        pos = torch.full((1, 1), min(P + t, model.pos.num_embeddings - 1), device=device)
         with autocast(device):
-            vl, al, h, cache = model(torch.stack([verb, arg, torch.zeros_like(verb)], 1)[:, None],
-                                     cur.clamp(max=model.pos.num_embeddings - 1), valid[:, None, None], cache)
-        chosen = ((model.pointer(h.float(), h_lines)[:, 0] > 0) & line_ok).tolist()  # (B, L): lines to run before it
+            vl, al, h, cache = model(torch.stack([verb, arg, torch.zeros_like(verb)], 1)[:, None], pos, cache)
+        chosen = (model.pointer(h.float(), h_lines)[:, 0] > 0).tolist()  # (B, n): lines to run before this step
         for i, v, a in zip(alive.nonzero()[:, 0].tolist(), verb[alive].tolist(), arg[alive].tolist()):
             out[i].append(((VOCAB[v], VOCAB[a]), [j for j, c in enumerate(chosen[i]) if c]))
     return out
@@ -715,25 +705,21 @@ def generate(model, prompts, n_lines, device, max_steps):
 # --- training and evaluation ---
 
 
-def random_rules(rng, task, n_lines):
-    """n_lines distinct random rules; about half trigger on one of the task's core verbs."""
-    verbs, rules = [v for s in task.subtasks for v, _ in core_actions(s)], []
-    while len(rules) < n_lines:
-        r = (rng.choice(verbs if rng.random() < 0.5 else CORE_VERBS), rng.choice(PRE_VERBS), rng.choice(PRE_ARGS))
-        rules += [r] if r not in rules else []
-    return rules
-
-
 def make_batch(rng, cfg):
-    """Demonstrations with random rule lines. Targets: the next core action (verb, argument) and, at each core step,
-    which lines it triggers. One number of lines per batch, so the lines sit at positions 4 .. 4+n-1 in every row."""
+    """Demonstrations with n random rule lines (about half trigger on one of the task's core verbs). Targets: the next
+    core action (verb, argument) and, at each core step, which lines it triggers. One n per batch, so the lines sit at
+    positions 4 .. 4+n-1 in every row."""
     n = min(cfg.max_lines, rng.randint(0, 12) if rng.random() < 0.7 else rng.randint(13, max(13, cfg.max_lines)))
     rows = []
     for _ in range(cfg.batch_size):
-        task = sample_task(rng, rng.choice(ROOMS + (OOD_ROOM,)))
-        rules, core = random_rules(rng, task, n), [c for s in task.subtasks for c in core_actions(s)]
-        rows.append((encode_prompt(task, rules, rng.random() < 0.15) + [(TOK[v], TOK[a], PAD) for v, a in core]
-                     + [(EOS, PAD, PAD)], core, rules))
+        task, rules = sample_task(rng, rng.choice(ROOMS + (OOD_ROOM,))), []
+        core = [c for s in task.subtasks for c in core_actions(s)]
+        while len(rules) < n:
+            r = (rng.choice([v for v, _ in core] if rng.random() < 0.5 else CORE_VERBS), rng.choice(PRE_VERBS),
+                 rng.choice(PRE_ARGS))
+            rules += [r] if r not in rules else []
+        plan = tokenize([(v, a, "<pad>") for v, a in core] + [("<eos>", "<pad>", "<pad>")])
+        rows.append((encode_prompt(task, rules, rng.random() < 0.15) + plan, core, rules))
     P, T = 5 + n, max(len(s) for s, _, _ in rows)  # the plan starts at position P
     x = torch.zeros(len(rows), T - 1, 3, dtype=torch.long)
     y = torch.full((len(rows), T - 1, 2), -1, dtype=torch.long)
@@ -755,9 +741,10 @@ def train_planner(cfg, device, max_len):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
     log(f"planner: {sum(p.numel() for p in model.parameters())} parameters")
-    start, n_seen, hits = time.time(), 0, []
+    start, hits = time.time(), []
     for step in range(1, cfg.steps + 1):
-        x, y, ptr, n = (t.to(device) if torch.is_tensor(t) else t for t in make_batch(rng, cfg))
+        x, y, ptr, n = make_batch(rng, cfg)
+        x, y, ptr = x.to(device), y.to(device), ptr.to(device)
         with autocast(device):
             vl, al, h, _ = model(x, torch.arange(x.shape[1], device=device)[None])  # (B, T, V), (B, T, V), (B, T, d)
             logits_ptr = model.pointer(h, h[:, 4:4 + max(n, 1)])  # (B, T, L)
@@ -765,44 +752,46 @@ def train_planner(cfg, device, max_len):
         loss_verb = F.cross_entropy(vl.float().flatten(0, 1), y[..., 0].flatten(), ignore_index=-1)
         loss_arg = F.cross_entropy(al.float().flatten(0, 1), y[..., 1].flatten(), ignore_index=-1)
         keep = ptr >= 0
-        loss_ptr = F.binary_cross_entropy_with_logits(logits_ptr.float()[keep], ptr[keep]) if n else torch.zeros((), device=device)
+        loss_ptr = F.binary_cross_entropy_with_logits(logits_ptr.float()[keep], ptr[keep]) if n else loss_verb * 0
         check_finite(step, loss_verb=loss_verb.item(), loss_arg=loss_arg.item(), loss_ptr=loss_ptr.item())
         opt.zero_grad(set_to_none=True)
         (loss_verb + loss_arg + loss_ptr).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        n_seen += x.shape[0]
-        hit = ((vl.argmax(-1) == y[..., 0]) | (y[..., 0] < 0)) & ((al.argmax(-1) == y[..., 1]) | (y[..., 1] < 0))
-        hits.append((hit & (((logits_ptr > 0).float() == ptr) | (ptr < 0)).all(-1)).all(1).float().mean().item())
+        # a demonstration is planned exactly when every verb, argument and pointer decision is right
+        ok = (vl.argmax(-1) == y[..., 0]) | (y[..., 0] < 0), (al.argmax(-1) == y[..., 1]) | (y[..., 1] < 0)
+        hits.append((ok[0] & ok[1] & (((logits_ptr > 0).float() == ptr) | ~keep).all(-1)).all(1).float().mean().item())
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_progress(step, cfg.steps, start, loss_verb=loss_verb.item(), loss_arg=loss_arg.item(),
                          loss_ptr=loss_ptr.item(), plan_exact=float(np.mean(hits[-cfg.log_every:])),
-                         samples_per_s=n_seen / (time.time() - start))
+                         samples_per_s=step * cfg.batch_size / (time.time() - start))
     return model.eval(), float(np.mean(hits[-cfg.log_every:]))
 
 
 def evaluate(model, device, db, tasks, mode, budget, hide_room=False, max_steps=8):
-    """Select insights, plan each task with them in context, execute; returns the episodes."""
-    eps, memo = [], {}  # the store is frozen here: tasks with the same room and subtask names get the same rules
-    for t in tasks:
+    """Select insights, plan each task with them in context, execute; returns the episodes in task order. The store
+    is frozen here, so tasks with one selection key share one selection; tasks are batched by their number of lines."""
+    memo, groups, eps = {}, collections.defaultdict(list), [None] * len(tasks)
+    for i, t in enumerate(tasks):
         key = query_text(t) if mode == "vector" else (t.room, tuple(s[0] for s in t.subtasks))
-        memo[key] = memo.get(key) or [p for p in map(parse_rule, select_insights(db, t, mode, budget)) if p]
-    for lo in range(0, len(tasks), 512):
-        chunk = [(t, memo[query_text(t) if mode == "vector" else (t.room, tuple(s[0] for s in t.subtasks))])
-                 for t in tasks[lo:lo + 512]]
-        plans = generate(model, [encode_prompt(t, r, hide_room) for t, r in chunk], [len(r) for _, r in chunk],
-                         device, max_steps)
-        eps += [execute(t, assemble_plan(steps, rules)) for (t, rules), steps in zip(chunk, plans)]
+        if key not in memo:
+            memo[key] = [p for p in map(parse_rule, select_insights(db, t, mode, budget)) if p]
+        groups[len(memo[key])].append((i, t, memo[key]))
+    for n, group in groups.items():
+        for lo in range(0, len(group), 512):
+            chunk = group[lo:lo + 512]
+            plans = generate(model, [encode_prompt(t, r, hide_room) for _, t, r in chunk], n, device, max_steps)
+            for (i, t, rules), steps in zip(chunk, plans):
+                eps[i] = execute(t, assemble_plan(steps, rules))
     return eps
 
 
-def build_db(path, episodes, mode, batch, scoped=True):
-    if path != ":memory:" and os.path.exists(path):
-        os.remove(path)
-    db, pairs = InsightDB(path), select_experiences(episodes, mode)
+def grow_db(db, episodes, mode, batch, scoped=True):
+    """Select experiences (pair or success mode) and run the insight generator over them in batches."""
+    pairs = select_experiences(episodes, mode)
     ops = generate_insights(db, [pairs[i:i + batch] for i in range(0, len(pairs), batch)], scoped)
-    return db, {"experiences": len(pairs), "ops": ops, "insights": len(db.select())}
+    return {"experiences": len(pairs), "ops": ops, "insights": len(db.select())}
 
 
 def implied(rule):
@@ -824,10 +813,10 @@ def rule_recall(db):
     return {"hidden": len(TRUE_SCOPE), "induced": len(got),
             "recall_any_scale": sum(r in got for r in TRUE_SCOPE) / len(TRUE_SCOPE),
             "recall_right_scale": sum(got.get(r) == s for r, s in TRUE_SCOPE.items()) / len(TRUE_SCOPE),
-            "missed": [rule_text(r) for r in TRUE_SCOPE if r not in got],
-            "wrong_scale": [rule_text(r) for r, s in TRUE_SCOPE.items() if r in got and got[r] != s],
             "spurious_redundant_chained": sum(map(implied, spurious)),
-            "spurious_other": sum(not implied(r) for r in spurious), "spurious_examples": list(map(rule_text, spurious[:6]))}
+            "spurious_other": sum(not implied(r) for r in spurious),
+            "missed": [rule_text(r) for r in TRUE_SCOPE if r not in got],
+            "wrong_scale": [rule_text(r) for r, s in TRUE_SCOPE.items() if r in got and got[r] != s]}
 
 
 ARMS = {"none": ("msi", "none"), "flat": ("flat", "flat"), "general_only": ("msi", "general"),
@@ -837,28 +826,29 @@ ARMS = {"none": ("msi", "none"), "flat": ("flat", "flat"), "general_only": ("msi
 
 def run_seed(cfg, model, device, seed, test_in, out_db):
     """Exploration, three insight stores, every arm in and out of domain, the budget sweep and the domain shift."""
-    rng = random.Random(seed)
+    rng, sr_gc = random.Random(seed), success_rate_and_gc
     episodes = [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p) for _ in range(cfg.explore_episodes)]
-    dbs, info = {}, {"explore_sr": success_rate_and_gc(episodes)[0]}
+    if out_db != ":memory:" and os.path.exists(out_db):
+        os.remove(out_db)
+    dbs, info = {"msi": InsightDB(out_db), "success": InsightDB(), "flat": InsightDB()}, {}
     for name, mode, scoped in (("msi", "pair", True), ("success", "success", True), ("flat", "pair", False)):
-        dbs[name], info[name] = build_db(out_db if name == "msi" else ":memory:", episodes, mode, cfg.pair_batch, scoped)
+        info[name] = grow_db(dbs[name], episodes, mode, cfg.pair_batch, scoped)
     dbs["msi"].add_experiences(episodes)
     test_in = test_in or [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
     test_ood = [sample_task(rng, OOD_ROOM) for _ in range(cfg.eval_episodes)]
     new = [needs_new_rule(t) for t in test_ood]
-    res = {"arms": {}, "induction": info, "recall": {n: rule_recall(dbs[n]) for n in ("msi", "success", "flat")},
-           "msi_rules": [f"[{r['scale']} {r['environment'] or r['subtask']} | {r['score']}] {r['rule']}"
-                         for r in dbs["msi"].select()]}
+    res = {"arms": {}, "induction": {"explore_sr": sr_gc(episodes)[0], **info},
+           "recall": {n: rule_recall(db) for n, db in dbs.items()}}
     for arm, (store, mode) in ARMS.items():
         ins, ood = (evaluate(model, device, dbs[store], ts, mode, cfg.budget) for ts in (test_in, test_ood))
-        (sr, gc), (sr_o, gc_o) = success_rate_and_gc(ins), success_rate_and_gc(ood)
+        (sr, gc), (sr_o, gc_o) = sr_gc(ins), sr_gc(ood)
         res["arms"][arm] = {"sr": sr, "gc": gc, "sr_ood": sr_o, "gc_ood": gc_o,
-                            "sr_ood_shared": success_rate_and_gc([e for e, b in zip(ood, new) if not b])[0],
-                            "sr_ood_new": success_rate_and_gc([e for e, b in zip(ood, new) if b])[0]}
-    sr_h, gc_h = success_rate_and_gc(evaluate(model, device, dbs["msi"], test_in, "hashmap", cfg.budget, hide_room=True))
+                            "sr_ood_shared": sr_gc([e for e, b in zip(ood, new) if not b])[0],
+                            "sr_ood_new": sr_gc([e for e, b in zip(ood, new) if b])[0]}
+    sr_h, gc_h = sr_gc(evaluate(model, device, dbs["msi"], test_in, "hashmap", cfg.budget, hide_room=True))
     res["room_hidden"] = {"sr": sr_h, "gc": gc_h, "sr_room_shown": res["arms"]["msi_hashmap"]["sr"]}
-    res["budget_sweep"] = {b: {arm: success_rate_and_gc(evaluate(model, device, dbs[ARMS[arm][0]], test_in, ARMS[arm][1],
-                                                                 int(b)))[0] for arm in ARMS if arm not in ("none", "msi_success_mode")}
+    res["budget_sweep"] = {b: {arm: sr_gc(evaluate(model, device, dbs[s], test_in, m, int(b)))[0]
+                               for arm, (s, m) in ARMS.items() if arm not in ("none", "msi_success_mode")}
                            for b in cfg.sweep.split(",")}
     for db in dbs.values():
         db.close()
@@ -867,13 +857,12 @@ def run_seed(cfg, model, device, seed, test_in, out_db):
     stages = [[explore(rng, sample_task(rng, room), cfg.explore_p) for _ in range(cfg.shift_episodes)]
               for room in ("kitchen", "livingroom", "bedroom")]
     for name, scoped, mode in (("msi", True, "hashmap"), ("flat", False, "flat")):
-        db, srs = InsightDB(":memory:"), []
+        db, srs = InsightDB(), []
         for eps in stages:
-            pairs = select_experiences(eps, "pair")
-            generate_insights(db, [pairs[i:i + cfg.pair_batch] for i in range(0, len(pairs), cfg.pair_batch)], scoped)
-            srs.append(success_rate_and_gc(evaluate(model, device, db, test_k, mode, cfg.budget))[0])
-        res["domain_shift"][name] = {"sr_kitchen": srs[0], "sr_plus_livingroom": srs[1], "sr_plus_bedroom": srs[2],
-                                     "sr_drop": srs[0] - srs[2]}
+            grow_db(db, eps, "pair", cfg.pair_batch, scoped)
+            srs.append(sr_gc(evaluate(model, device, db, test_k, mode, cfg.budget))[0])
+        res["domain_shift"][name] = dict(zip(("sr_kitchen", "sr_plus_livingroom", "sr_plus_bedroom"), srs),
+                                         sr_drop=srs[0] - srs[2])
         db.close()
     return res
 
@@ -888,7 +877,7 @@ def mean_tree(trees):
 def run(cfg):
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 15), batch_size=16, d_model=32, seeds=1, explore_episodes=150,
-                                  eval_episodes=16, sweep="3,8", experience_sweep="50", shift_episodes=50, log_every=5)
+                                  eval_episodes=16, sweep="3,8", shift_episodes=50, log_every=5)
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
     log(f"config: {dataclasses.asdict(cfg)}")
@@ -897,45 +886,24 @@ def run(cfg):
     test_in = parse_user_tasks(load_user_data(cfg.data, ["room", "subtasks"]), cfg.data) if cfg.data else None
     model, plan_exact = train_planner(cfg, device, max_len=5 + cfg.max_lines + 10)
     train_cpu = time.process_time() - cpu0
-    seeds = [run_seed(cfg, model, device, cfg.seed + 1000 * k, test_in, os.path.join(cfg.out, "insights.sqlite")
-                      if k == 0 else ":memory:") for k in range(cfg.seeds)]
+    seeds = [run_seed(cfg, model, device, cfg.seed + 1000 * k, test_in,
+                      os.path.join(cfg.out, "insights.sqlite") if k == 0 else ":memory:") for k in range(cfg.seeds)]
     res = mean_tree(seeds)
     for arm in ARMS:  # spread over seeds
         res["arms"][arm].update({f"{m}_seeds": [s["arms"][arm][m] for s in seeds] for m in ("sr", "sr_ood")})
     for name in ("msi", "flat"):
         res["domain_shift"][name]["sr_drop_seeds"] = [s["domain_shift"][name]["sr_drop"] for s in seeds]
-    # induction needs experience: the MSI store and its hashmap SR against the number of exploration episodes (seed 0)
-    rng, exp_sweep = random.Random(cfg.seed + 7), {}
-    test = [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
-    for n in cfg.experience_sweep.split(","):
-        db, info = build_db(":memory:", [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p)
-                                         for _ in range(int(n))], "pair", cfg.pair_batch)
-        rec = rule_recall(db)
-        exp_sweep[n] = {"insights": info["insights"], "recall_right_scale": rec["recall_right_scale"],
-                        "sr_hashmap": success_rate_and_gc(evaluate(model, device, db, test, "hashmap", cfg.budget))[0]}
-        db.close()
-    cpu = time.process_time() - cpu0
-    results = {"config": dataclasses.asdict(cfg), "arms": res["arms"], "domain_shift": res["domain_shift"],
-               "budget_sweep": res["budget_sweep"], "room_hidden": res["room_hidden"], "recall": seeds[0]["recall"],
-               "recall_mean": {n: {k: v for k, v in r.items() if isinstance(v, float)} for n, r in res["recall"].items()},
-               "induction": res["induction"], "experience_sweep": exp_sweep, "msi_rules_seed0": seeds[0]["msi_rules"],
-               "planner_plan_exact": plan_exact, "train_cpu_s": train_cpu, "cpu_time_s": cpu, "wall_time_s": time.time() - t0}
+    res.update(recall_seed0=seeds[0]["recall"], planner_plan_exact=plan_exact, config=dataclasses.asdict(cfg),
+               train_cpu_s=train_cpu, cpu_time_s=time.process_time() - cpu0, wall_time_s=time.time() - t0)
     log(f"{'arm':>16} | {'SR':>5} {'GC':>5} | {'SR_ood':>6} {'GC_ood':>6} | SR per seed")
-    for arm, a in results["arms"].items():
+    for arm, a in res["arms"].items():
         log(f"{arm:>16} | {a['sr']:.3f} {a['gc']:.3f} | {a['sr_ood']:.4f} {a['gc_ood']:.4f} | "
             + " ".join(f"{x:.3f}" for x in a["sr_seeds"]))
-    log(f"msi_hashmap, room hidden from the planner: SR {results['room_hidden']['sr']:.3f} "
-        f"(shown {results['room_hidden']['sr_room_shown']:.3f})")
-    for b, row in results["budget_sweep"].items():
-        log(f"budget {b:>2}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
-    for name, d in results["domain_shift"].items():
-        log(f"domain shift {name}: kitchen SR {d['sr_kitchen']:.3f} -> +livingroom {d['sr_plus_livingroom']:.3f} "
-            f"-> +bedroom {d['sr_plus_bedroom']:.3f} (drop {d['sr_drop']:.3f})")
-    log(f"recall (seed 0, MSI): {json.dumps(results['recall']['msi'])}")
-    log(f"experience sweep: {json.dumps(exp_sweep)}")
-    log(f"CPU {cpu:.0f}s (planner {train_cpu:.0f}s), wall {time.time() - t0:.0f}s")
-    save_json(os.path.join(cfg.out, "results.json"), results)
-    return results
+    for key in ("room_hidden", "budget_sweep", "domain_shift", "recall"):
+        log(f"{key}: {json.dumps(res[key])}")
+    log(f"CPU {res['cpu_time_s']:.0f}s (planner {train_cpu:.0f}s), wall {res['wall_time_s']:.0f}s")
+    save_json(os.path.join(cfg.out, "results.json"), res)
+    return res
 
 
 def main(argv=None):

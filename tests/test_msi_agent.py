@@ -127,9 +127,10 @@ def test_contrast_pair_and_success_mode_by_hand():
     # so 'goto X', already done in the failure), open cabinet and grab knife before take potato
     assert m.contrast_pair(WIN, FAIL) == [(("take", "open", "cabinet"), False, "heat"),
                                           (("take", "grab", "knife"), False, "heat")]
-    assert m.success_candidates(WIN) == [(("take", "goto", "potato"), True, "heat"),
-                                         (("take", "open", "cabinet"), False, "heat"),
-                                         (("take", "grab", "knife"), False, "heat")]
+    # success mode (no failure): every step the success ran before its core action
+    assert m.contrast_pair(WIN) == [(("take", "goto", "potato"), True, "heat"), (("take", "open", "cabinet"), False, "heat"),
+                                    (("take", "grab", "knife"), False, "heat")]
+    assert m.contrast_pair(WIN, WIN2) == []  # the "failure" has no failing core action: nothing to contrast
 
 
 def test_select_experiences_pairs_most_similar_failure():
@@ -166,28 +167,46 @@ def test_scale_of():
 
 def test_plan_assembly_copies_rule_lines():
     rules = [("take", "goto", "X"), ("heat", "toggle", "microwave"), ("take", "open", "cabinet")]
-    task = m.Task("kitchen", (("heat", "apple", "none"),))
-    want = [("goto", "apple"), ("open", "cabinet"), ("take", "apple"), ("put", "microwave"), ("toggle", "microwave"),
-            ("heat", "apple")]
-    assert m.expand_plan(task, rules) == want
     steps = [(("take", "apple"), [0, 2]), (("put", "microwave"), []), (("heat", "apple"), [1])]
-    assert m.assemble_plan(steps, rules) == want
+    # before take apple: lines 0 ('X' -> apple) and 2; before heat apple: line 1
+    assert m.assemble_plan(steps, rules) == [("goto", "apple"), ("open", "cabinet"), ("take", "apple"),
+                                             ("put", "microwave"), ("toggle", "microwave"), ("heat", "apple")]
+
+
+def test_tiktoken_words_are_one_token_each():
+    for row, word in enumerate(m.VOCAB):  # the compact table maps each word's tiktoken id back to its own row
+        tag = word in m.SPECIALS
+        ids = m.ENC.encode(word if tag else " " + word, allowed_special="all")
+        assert len(ids) == 1 and m.ROW[ids[0]] == row and m.ENC.decode(ids).strip() == word
+    words = [("kitchen", "<pad>", "<pad>"), ("take", "goto", "X")]
+    assert m.tokenize(words) == [[m.VOCAB.index(w) for w in item] for item in words]
+    assert m.ENC.n_vocab > 256 + len(m.VOCAB)  # a real BPE encoding (bytes + word prefixes), not a plain table
+    with pytest.raises(m.BadInput):
+        m.tokenize([("kitchenette", "<pad>", "<pad>")])  # not a vocabulary word: several byte/prefix tokens
 
 
 def test_planner_shapes_and_generation():
     torch.manual_seed(0)
     model = m.Planner(16, 1, 2, 40).eval()
     task = m.Task("kitchen", (("heat", "apple", "none"),))
-    prompts = [m.encode_prompt(task, [("take", "goto", "X")]), m.encode_prompt(task, [])]
-    assert len(prompts[0]) == 6 and len(prompts[1]) == 5  # room, 2 subtasks, <rules>, lines, <plan>
-    x = torch.tensor([prompts[0]])
+    prompts = [m.encode_prompt(task, [("take", "goto", "X")]), m.encode_prompt(task, [("heat", "plug", "X")])]
+    assert len(prompts[0]) == 6 and len(m.encode_prompt(task, [])) == 5  # room, 2 subtasks, <rules>, lines, <plan>
+    x = torch.tensor(prompts)
     vl, al, h, _ = model(x, torch.arange(6)[None])
-    assert vl.shape == (1, 6, len(m.VOCAB)) and model.pointer(h, h[:, 4:5]).shape == (1, 6, 1)
+    assert vl.shape == (2, 6, len(m.VOCAB)) and model.pointer(h, h[:, 4:5]).shape == (2, 6, 1)
     # causal: items appended on the right (padding, later steps) change nothing at the earlier positions
-    padded = torch.cat([x, torch.zeros(1, 3, 3, dtype=torch.long)], 1)
+    padded = torch.cat([x, torch.zeros(2, 3, 3, dtype=torch.long)], 1)
     torch.testing.assert_close(model(padded, torch.arange(9)[None])[2][:, :6], h)
-    out = m.generate(model, prompts, [1, 0], torch.device("cpu"), 3)
-    assert len(out) == 2 and all(len(p) <= 3 for p in out) and all(c == [] for _, c in out[1])
+    out = m.generate(model, prompts, 1, torch.device("cpu"), 3)
+    assert len(out) == 2 and all(len(p) <= 3 for p in out)
+    # the KV-cached decoding equals greedy decoding that re-runs the whole sequence at every step
+    seq = x[:1]
+    for (verb, arg), chosen in out[0]:
+        vl, al, h, _ = model(seq, torch.arange(seq.shape[1])[None])
+        assert (m.VOCAB[vl[0, -1].argmax()], m.VOCAB[al[0, -1].argmax()]) == (verb, arg)
+        seq = torch.cat([seq, torch.tensor([[[m.VOCAB.index(verb), m.VOCAB.index(arg), m.PAD]]])], 1)
+        h = model(seq, torch.arange(seq.shape[1])[None])[2]
+        assert [j for j in range(1) if model.pointer(h[:, -1:], h[:, 4:5])[0, 0, j] > 0] == chosen
 
 
 def test_smoke_run_writes_results(tmp_path):
