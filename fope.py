@@ -1,12 +1,11 @@
-"""Fourier Position Embedding — arXiv 2412.17739 (https://arxiv.org/abs/2412.17739),
-with the Positional Heads analysis of arXiv 2410.08703 (https://arxiv.org/abs/2410.08703).
+"""Fourier Position Embedding — arXiv 2412.17739 (https://arxiv.org/abs/2412.17739), with the Positional Heads
+analysis of arXiv 2410.08703 (https://arxiv.org/abs/2410.08703).
 
-RoPE rotates each 2-D slot k of q and k by n·ω_k, so q'_m·k'_n depends only on m − n. FoPE argues that slots
-whose period exceeds the training length never see a full cycle (so it clips them to frequency zero), and that
-linear layers leak energy between frequencies (so every kept slot becomes a Fourier series over all kept
-frequencies). Attention then extends periodically beyond L_train. The Positional Heads paper (same group) asks
-which rotary slots carry each head's logit as the token distance grows, and ablates the heads whose
-long-distance logits sit in the high (low-frequency) slots.
+RoPE rotates each 2-D slot k of q and k by n·ω_k, so q'_m·k'_n depends only on m − n. FoPE argues that slots whose
+period exceeds the training length never see a full cycle (so it clips them to frequency zero), and that linear
+layers leak energy between frequencies (so every kept slot becomes a Fourier series over all kept frequencies);
+attention then extends periodically beyond L_train. The Positional Heads paper (same group) asks which rotary slots
+carry each head's logit at long distance, and ablates the heads whose long-distance logits sit in the high slots.
 
 Key equations (d = head_dim, slot k pairs dims k and k + d/2, n = position):
     RoPE       ω_k = base^(−2k/d),  x' = x ⊙ cos(nω) + rotate_half(x) ⊙ sin(nω),  rotate_half([x1,x2]) = [−x2, x1]
@@ -17,17 +16,13 @@ Key equations (d = head_dim, slot k pairs dims k and k + d/2, n = position):
                x' = x ⊙ [C, C] + rotate_half(x) ⊙ [S, S]
     ALiBi      logit_{m,n} += −slope_h·(m − n),  slope_h = 2^(−8h/H)
     Positional heads (this file's operationalisation, named "slot-distance correlation"):
-               g_i(m, n) = q̃_m[i] k̃_n[i] + q̃_m[i+d/2] k̃_n[i+d/2]          (Σ_i g_i = q̃_m · k̃_n)
-               s̄(m, n) = Σ_i i·|g_i| / Σ_i |g_i|                          (contribution-weighted slot index)
+               g_i(m, n) = q̃_m[i] k̃_n[i] + q̃_m[i+d/2] k̃_n[i+d/2],   s̄(m, n) = Σ_i i·|g_i| / Σ_i |g_i|
                score_h = Spearman(m − n, s̄(m, n)) over all causal pairs n < m of held-out passkey sequences;
                the top heads by score are "positional"; ablate them (zero their output) vs as many random other heads.
 
-Run:
-    python fope.py                       # nope, rope, alibi, fope + head analysis (≤ 240 s CPU at 1 thread)
-    python fope.py --ablations --seeds 2 # adds cf_only (A = I) and fs_only (no clipping), two seeds
-    python fope.py --methods rope,fope --steps 300
-    python fope.py --data my.jsonl       # train on your text (column "text"), perplexity only
-    python fope.py --smoke               # the same code path at a tiny size, in seconds
+Run: `python fope.py` (nope, rope, alibi, fope + head analysis; ≤ 240 s CPU at 1 thread); `--ablations --seeds 2`
+adds cf_only (A = I) and fs_only (no clipping), two seeds; `--methods rope,fope --steps 300`; `--data my.jsonl`
+trains on your text (column "text"; perplexity only); `--smoke` runs the same code path at a tiny size, in seconds.
 
 Result of the default run (`python fope.py`; 2-core CPU shared with other jobs, 1 thread; 175 s CPU, 373 s wall):
     method | ppl@64  @128   @256   @512   @1024 | passkey@64 @128 @256 @512 @1024 | ms/step
@@ -35,23 +30,22 @@ Result of the default run (`python fope.py`; 2-core CPU shared with other jobs, 
     rope   |  3.53   3.53   3.93   5.35   8.56 | 1.00 1.00 0.75 0.69 0.22 | 39.8
     alibi  | 17.17  16.95  17.89  18.61  18.57 | 1.00 0.91 0.47 0.06 0.09 | 37.8
     fope   |  3.43   3.53   4.09   5.64   9.89 | 1.00 1.00 1.00 1.00 1.00 | 38.6
-    FoPE/RoPE step time 0.98 (interleaved). Passkey claim holds (1.00 vs 0.75 at 256); perplexity claim does not
+    FoPE/RoPE step time 0.97 (per training step). Passkey claim holds (1.00 vs 0.75 at 256); perplexity claim does not
     (4.09 at 256 vs RoPE 3.93 and vs its own 3.43 at 64). Head analysis: top head ablated vs random, passkey at
     distance ≥ 32: rope 1.00 vs 0.95, fope 0.91 vs 1.00. Two seeds and the ablations: see the README section.
 
 Deviations from the paper (and its official OLMo-based code):
-- Toy scale: 2 layers, d_model 64, 2 heads of 32 dims, 1,000 steps at length 64 on order-2 Markov filler with
-  one passkey per sequence (paper: OLMo 60M–1.2B on C4 at 512, evaluated to 8192).
+- Toy scale: 2 layers, d_model 64, 2 heads of 32 dims, 1,000 steps at length 64 on order-2 Markov filler with one
+  passkey per sequence (paper: OLMo 60M–1.2B on C4 at 512, evaluated to 8192).
 - The passkey is in training (loss = filler NLL + answer NLL); a toy model sees no such task otherwise.
-- FS-only (no clipping) rotates all d/2 slots (d' = d/2) so that FoPE(σ=0, no clip) is exactly RoPE; the
-  official code would cap d' at d/4 with a stride-2 identity. With clipping the official cap is kept
-  (d' = min(K, d/4) = 5 here, so it does not bind).
-- Noise: the official effective std σ·√(2/(d'(K+H))) = 0.072 at σ = 0.3 (paper's 60M value), d' = K = 5,
-  H = 2; `--fope-noise plain` uses std σ as the paper's text reads.
-- The Fourier coefficients are always frozen (the official default; its flag to learn them is not offered), and
-  the tables are precomputed once per length (official: the einsum in every forward; same values).
-- Positional heads: the full text of arXiv 2410.08703 was not available; the score is our operationalisation,
-  and the ablation uses held-out passkeys at the training length with the needle at distance ≥ L/2.
+- FS-only (no clipping) rotates all d/2 slots (d' = d/2) so that FoPE(σ=0, no clip) is exactly RoPE; the official
+  code would cap d' at d/4 with a stride-2 identity. With clipping the official d' = min(K, d/4) is kept (= K = 5 here).
+- Noise: the official effective std σ·√(2/(d'(K+H))) = 0.072 at σ = 0.3 (paper's 60M value), d' = K = 5, H = 2;
+  `--fope-noise plain` uses std σ as the paper's text reads.
+- The Fourier coefficients are always frozen (the official default; its flag to learn them is not offered), and the
+  tables are precomputed once per length (official: the einsum in every forward; same values).
+- Positional heads: the full text of arXiv 2410.08703 was not available; the score is our operationalisation, and
+  the ablation uses held-out passkeys at the training length with the needle at distance ≥ L/2.
 - Perplexity counts filler targets whose two previous tokens are filler (the order-2 context) only.
 """
 
@@ -269,8 +263,7 @@ def markov_table(vocab, successors, gen):
     """Order-2 chain: context (a, b) → `successors` distinct next tokens with Dirichlet(1) probabilities."""
     succ = torch.rand(vocab, vocab, vocab, generator=gen).argsort(-1)[..., :successors]  # (V, V, S)
     p = -torch.rand(vocab, vocab, successors, generator=gen).clamp_min(1e-9).log()  # Exp(1) draws
-    cum = (p / p.sum(-1, keepdim=True)).cumsum(-1)  # (V, V, S) cumulative probabilities
-    return succ, cum
+    return succ, (p / p.sum(-1, keepdim=True)).cumsum(-1)  # (V, V, S) cumulative probabilities
 
 
 def markov_filler(table, n, length, gen):
@@ -293,20 +286,17 @@ def passkey_batch(table, n, length, gen, vocab_filler, key_max=None):
     v = torch.randint(0, N_VALUES, (n,), generator=gen) + first_value  # (n,)
     t = torch.arange(length)[None]  # (1, L)
     src = torch.where(t < p[:, None], t, t - 2).clamp(0, length - 5)  # filler index at each position
-    x = filler.gather(1, src)  # (n, L)
-    x = torch.where(t == p[:, None], key, torch.where(t == p[:, None] + 1, v[:, None], x))
+    x = torch.where(t == p[:, None], key, torch.where(t == p[:, None] + 1, v[:, None], filler.gather(1, src)))  # (n, L)
     x[:, -2], x[:, -1] = query, v
     return x, p
 
 
-def target_masks(x, vocab_filler, passkey=True):
+def target_masks(x, vocab_filler):
     """For targets x[:, 1:]: ppl_mask (filler whose two previous tokens are filler) and loss_mask (+ the answer)."""
     filler = x < vocab_filler  # (n, L)
     ppl = filler[:, 2:] & filler[:, 1:-1] & filler[:, :-2]  # (n, L−2): targets t ≥ 2
     ppl = torch.cat([torch.zeros_like(ppl[:, :1]), ppl], 1)  # (n, L−1): target t = 1 has no full context
-    loss = ppl.clone()
-    loss[:, -1] |= passkey  # the value after QUERY
-    return ppl, loss
+    return ppl, torch.cat([ppl[:, :-1], torch.ones_like(ppl[:, -1:])], 1)  # loss mask: + the value after QUERY
 
 
 def build_data(cfg, seed):
@@ -333,38 +323,26 @@ def build_data(cfg, seed):
     evals = {L: passkey_batch(table, cfg.eval_seqs, L, torch.Generator().manual_seed(999 + L), cfg.vocab_filler)
              for L in lens}
     evals = {L: (xe, target_masks(xe, cfg.vocab_filler)[0], p) for L, (xe, p) in evals.items()}
-    return dict(x=x, loss_mask=loss_mask, evals=evals, vocab=special_ids(cfg.vocab_filler)[3], passkey=True,
-                table=table)
+    return dict(x=x, loss_mask=loss_mask, evals=evals, vocab=special_ids(cfg.vocab_filler)[3], passkey=True, table=table)
 
 
 # --- the paper's method ---
-
 
 def rope_freqs(head_dim, base=10000.0):
     # ω_k = base^(−2k/d), k = 0 … d/2 − 1
     return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
 
 
-def rotate_half(x):
-    # rotate_half([x1, x2]) = [−x2, x1]   (slot k pairs dims k and k + d/2)
-    x1, x2 = x.chunk(2, dim=-1)  # (..., d/2) each
-    return torch.cat((-x2, x1), dim=-1)  # (..., d)
-
-
 def apply_rotary(x, cos, sin):
-    # x' = x ⊙ cos + rotate_half(x) ⊙ sin;  x (B, H, T, d), cos/sin (T, d) or (H, T, d)
-    return x * cos + rotate_half(x) * sin
+    # x' = x ⊙ cos + rotate_half(x) ⊙ sin,  rotate_half([x1, x2]) = [−x2, x1]  (slot k pairs dims k and k + d/2)
+    x1, x2 = x.chunk(2, dim=-1)  # (..., d/2) each; x (B, H, T, d), cos/sin (T, d) or (H, T, d)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def kept_frequencies(head_dim, train_len, base=10000.0, clip_floor=True):
     # CF: ω_k < 2π / L_train has a period longer than the training length → set to zero (dropped here)
     freqs = rope_freqs(head_dim, base)  # (d/2,)
     return freqs[freqs >= 2 * math.pi / train_len] if clip_floor else freqs  # (K,)
-
-
-def fourier_noise_std(sigma, n_kept, n_out, n_heads, noise="xavier"):
-    # official xavier_normal_(gain=σ) on (H, K, d'): fan_in = K·d', fan_out = H·d' → std = σ·√(2 / (d'(K + H)))
-    return sigma * math.sqrt(2.0 / (n_out * (n_kept + n_heads))) if noise == "xavier" else sigma
 
 
 def step_eye(n_in, n_out):
@@ -374,30 +352,7 @@ def step_eye(n_in, n_out):
     return eye  # (K, d')
 
 
-def fope_tables(pos, freqs, sin_coef, cos_coef, half):
-    """FoPE's per-head cos/sin tables (H, T, d) for positions pos (T,)."""
-    ang = pos.float()[:, None] * freqs[None, :]  # (T, K): n·ω_k
-    # S_{h,j}(n) = Σ_k sin(ω_k n) A^sin_{h,k,j},  C_{h,j}(n) = Σ_k cos(ω_k n) A^cos_{h,k,j}
-    s = torch.einsum("tk,hkj->htj", ang.sin(), sin_coef)  # (H, T, d')
-    c = torch.einsum("tk,hkj->htj", ang.cos(), cos_coef)  # (H, T, d')
-    # zero-frequency slots j ≥ d': cos = sin = 1 (the official fill; constant in n)
-    s = F.pad(s, (0, half - s.shape[-1]), value=1.0)  # (H, T, d/2)
-    c = F.pad(c, (0, half - c.shape[-1]), value=1.0)  # (H, T, d/2)
-    return torch.cat((c, c), -1), torch.cat((s, s), -1)  # (H, T, d) each: [C, C], [S, S]
-
-
-class _Rotary(nn.Module):
-    def forward(self, x, pos=None):  # x (B, H, T, d); pos (T,), None: 0 … T−1
-        if pos is not None:
-            return apply_rotary(x, *self.tables(pos))
-        key = (x.shape[-2], x.device)
-        if key not in self._cache:  # frozen tables: computed once per length
-            with torch.no_grad():
-                self._cache[key] = self.tables(torch.arange(x.shape[-2], device=x.device))
-        return apply_rotary(x, *self._cache[key])
-
-
-class RoPE(_Rotary):
+class RoPE(nn.Module):
     """Rotary position embedding, half-split layout. forward(x (B, H, T, d), pos (T,) or None = 0..T−1)."""
 
     def __init__(self, head_dim, base=10000.0):
@@ -409,43 +364,53 @@ class RoPE(_Rotary):
         ang = pos.float()[:, None] * self.freqs[None, :]  # (T, d/2): n·ω_k
         return ang.cos().repeat(1, 2), ang.sin().repeat(1, 2)  # (T, d) each
 
+    def forward(self, x, pos=None):  # x (B, H, T, d); pos (T,), None: 0 … T−1
+        key = (x.shape[-2], x.device)
+        if pos is None and key not in self._cache:  # frozen tables: computed once per length
+            with torch.no_grad():
+                self._cache[key] = self.tables(torch.arange(x.shape[-2], device=x.device))
+        return apply_rotary(x, *(self.tables(pos) if pos is not None else self._cache[key]))
 
-class FoPE(_Rotary):
+
+class FoPE(RoPE):
     """Fourier position embedding: clipped floor frequencies + per-head Fourier series (frozen by default)."""
 
     def __init__(self, head_dim, n_heads, train_len, sigma=0.3, base=10000.0, clip_floor=True, noise="xavier"):
-        super().__init__()
+        super().__init__(head_dim, base)
         freqs = kept_frequencies(head_dim, train_len, base, clip_floor)  # (K,)
         self.half, self.n_kept = head_dim // 2, len(freqs)
         # official cap on the rotating output slots d' = min(K, d/4); without clipping we keep d' = d/2 (Deviations)
         self.n_out = min(self.n_kept, head_dim // 4) if clip_floor else self.half
-        self.noise_std = fourier_noise_std(sigma, self.n_kept, self.n_out, n_heads, noise)
+        # official xavier_normal_(gain σ) on (H, K, d'): fan_in K·d', fan_out H·d' → std = σ·√(2 / (d'(K + H)))
+        self.noise_std = sigma * math.sqrt(2.0 / (self.n_out * (self.n_kept + n_heads))) if noise == "xavier" else sigma
         eye, shape = step_eye(self.n_kept, self.n_out), (n_heads, self.n_kept, self.n_out)  # (K, d'), (H, K, d')
         # A^sin, A^cos = I + N(0, std²): separate matrices, per head (and per layer: one module per layer), frozen
         self.sin_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=False)
         self.cos_coef = nn.Parameter(eye + self.noise_std * torch.randn(shape), requires_grad=False)
-        self.register_buffer("freqs", freqs, persistent=False)
-        self._cache = {}
+        self.freqs = freqs  # the kept frequencies replace RoPE's buffer (K,)
 
-    def tables(self, pos):
-        return fope_tables(pos, self.freqs, self.sin_coef, self.cos_coef, self.half)
+    def tables(self, pos):  # per-head cos/sin tables (H, T, d) for positions pos (T,)
+        ang = pos.float()[:, None] * self.freqs[None, :]  # (T, K): n·ω_k
+        # S_{h,j}(n) = Σ_k sin(ω_k n) A^sin_{h,k,j},  C_{h,j}(n) = Σ_k cos(ω_k n) A^cos_{h,k,j}
+        s = torch.einsum("tk,hkj->htj", ang.sin(), self.sin_coef)  # (H, T, d')
+        c = torch.einsum("tk,hkj->htj", ang.cos(), self.cos_coef)  # (H, T, d')
+        # zero-frequency slots j ≥ d': cos = sin = 1 (the official fill; constant in n)
+        s = F.pad(s, (0, self.half - s.shape[-1]), value=1.0)  # (H, T, d/2)
+        c = F.pad(c, (0, self.half - c.shape[-1]), value=1.0)  # (H, T, d/2)
+        return torch.cat((c, c), -1), torch.cat((s, s), -1)  # (H, T, d) each: [C, C], [S, S]
 
 
 def alibi_slopes(n_heads):
     # slope_h = 2^(−8h/H), h = 1 … H (H a power of two; otherwise the ALiBi paper's interleaving)
-    def geometric(n):
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-    if math.log2(n_heads).is_integer():
-        return torch.tensor(geometric(n_heads))
     closest = 2 ** math.floor(math.log2(n_heads))
-    return torch.tensor(geometric(closest) + geometric(2 * closest)[0::2][: n_heads - closest])
+    extra = [2.0 ** (-8.0 * (h + 1) / (2 * closest)) for h in range(0, 2 * closest, 2)][: n_heads - closest]
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / closest) for h in range(closest)] + extra)
 
 
 def alibi_bias(n_heads, T):
     # bias_{h,m,n} = −slope_h·(m − n) for n ≤ m, −inf for n > m (causal mask included)
     m, n = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    bias = -alibi_slopes(n_heads)[:, None, None] * (m - n).float()  # (H, T, T)
-    return bias.masked_fill(n > m, float("-inf"))
+    return (-alibi_slopes(n_heads)[:, None, None] * (m - n).float()).masked_fill(n > m, float("-inf"))  # (H, T, T)
 
 
 def slot_contributions(q_rot, k_rot):
@@ -477,12 +442,10 @@ def slot_distance_scores(q_rot, k_rot):
     m, n = torch.arange(T, device=g.device)[:, None], torch.arange(T, device=g.device)[None, :]
     pairs = (n < m)  # (T, T)
     dist = (m - n).expand(T, T)[pairs]  # (P,)
-    # one score per head, over the B·P pairs
     return [spearman(dist.repeat(len(s_bar)).cpu(), s_bar[:, h][:, pairs].reshape(-1).cpu()) for h in range(s_bar.shape[1])]
 
 
 # --- model ---
-
 
 class Block(nn.Module):
     def __init__(self, d_model, n_heads, pe):
@@ -492,15 +455,13 @@ class Block(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
-        self.kept = None  # (q_rot, k_rot) of the last forward, detached (for the head analysis)
 
     def forward(self, x, bias, head_mask):
         B, T, C = x.shape
-        h = self.ln1(x)
-        q, k, v = self.qkv(h).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         if self.pe is not None:
             q, k = self.pe(q), self.pe(k)  # position method on q and k in every layer
-        self.kept = (q.detach(), k.detach())
+        self.kept = (q.detach(), k.detach())  # (q_rot, k_rot) of the last forward, for the head analysis
         # causal softmax(q·k/√hd)·v; ALiBi adds its bias (which holds the causal mask) to the logits
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                            is_causal=bias is None)  # (B, H, T, hd)
@@ -545,7 +506,6 @@ class Decoder(nn.Module):
 
 # --- training and evaluation ---
 
-
 def clock(device):
     """CPU: process time (robust to other processes on the machine); CUDA: synchronised wall time."""
     if device.type == "cuda":
@@ -569,7 +529,7 @@ def train_arm(method, cfg, data, device, seed):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
     x_all, m_all = data["x"].to(device).split(cfg.batch), data["loss_mask"].to(device).split(cfg.batch)
-    busy, start, tokens = 0.0, time.time(), 0
+    busy, start = 0.0, time.time()
     for step, x, mask in zip(range(1, cfg.steps + 1), x_all, m_all):
         t0 = clock(device)
         with autocast(device):
@@ -586,17 +546,15 @@ def train_arm(method, cfg, data, device, seed):
         opt.step()
         sched.step()
         busy += clock(device) - t0
-        tokens += x.numel()
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_progress(step, cfg.steps, start, method=method, loss=loss.item(), filler=filler.item(),
-                         answer=answer.item(), tok_per_s=round(tokens / busy))
-    return model, busy / cfg.steps, loss.item()
+                         answer=answer.item(), tok_per_s=round(step * x.numel() / busy))
+    return model.eval(), busy / cfg.steps, loss.item()
 
 
 @torch.no_grad()
 def evaluate(model, evals, cfg, device, passkey=True):
     """Filler perplexity and passkey accuracy (argmax over the 16 values) per length, and by needle distance."""
-    model.eval()
     first_value, chunk = special_ids(cfg.vocab_filler)[0], max(1, 8192 // max(evals, default=1))
     out = {"ppl": {}, "passkey": {}, "passkey_by_distance": {}}
     for L, (x_all, ppl_all, p_all) in evals.items():
@@ -619,55 +577,37 @@ def evaluate(model, evals, cfg, device, passkey=True):
             out["passkey_by_distance"][str(L)] = {
                 f"{lo}-{hi - 1}": round(float(correct[(dist >= lo) & (dist < hi)].mean()), 4)
                 for lo, hi in zip(edges[:-1], edges[1:]) if ((dist >= lo) & (dist < hi)).any()}
-    model.train()
     return out
 
 
 @torch.no_grad()
 def head_analysis(model, cfg, data, device, seed):
     """Positional heads: score every head, ablate the top ones vs random sets on long-distance passkeys."""
-    model.eval()
     L, first_value = cfg.train_len, special_ids(cfg.vocab_filler)[0]
     x, _ = passkey_batch(data["table"], 2 * cfg.eval_seqs, L, torch.Generator().manual_seed(777), cfg.vocab_filler,
                          key_max=L // 2 - 2)  # needle distance ≥ L/2
     x, ppl_mask = x.to(device), target_masks(x, cfg.vocab_filler)[0].to(device)
-    model(x[:, :-1])
-    scores = [slot_distance_scores(*b.kept) for b in model.blocks]  # (layers, H)
 
-    def ablated(heads):
-        model.head_mask.fill_(1.0)
+    def ablated(heads):  # (passkey accuracy, filler perplexity) with these heads' outputs zeroed
         for layer, h in heads:
             model.head_mask[layer, h] = 0.0
         logits = model(x[:, :-1]).float()
         model.head_mask.fill_(1.0)
         pred = logits[:, -1, first_value:first_value + N_VALUES].argmax(-1) + first_value
         return float((pred == x[:, -1]).float().mean()), math.exp(float(masked_nll(logits, x[:, 1:], ppl_mask)))
-
+    full = ablated([])  # all heads; this pass also leaves each block's rotated q, k in block.kept
+    scores = [slot_distance_scores(*b.kept) for b in model.blocks]  # (layers, H)
     ranked = sorted(((s, [layer, h]) for layer, row in enumerate(scores) for h, s in enumerate(row)), reverse=True)
     top = [lh for _, lh in ranked[:cfg.top_heads]]
     others = [[layer, h] for layer, row in enumerate(scores) for h in range(len(row)) if [layer, h] not in top]
     gen = random.Random(seed)  # random sets of as many heads, drawn from the non-top heads
     rand_sets = [gen.sample(others, cfg.top_heads) for _ in range(cfg.random_draws)]
-    full, top_abl, rand_abl = ablated([]), ablated(top), [ablated(s) for s in rand_sets]
-    model.train()
+    top_abl, rand_abl = ablated(top), [ablated(s) for s in rand_sets]
     out = {"score": [[round(s, 4) for s in row] for row in scores], "top": top, "random_sets": rand_sets}
     for i, metric in enumerate(("passkey", "ppl")):
         out.update({f"{metric}_full": round(full[i], 4), f"{metric}_top_ablated": round(top_abl[i], 4),
                     f"{metric}_random_ablated": round(float(np.mean([r[i] for r in rand_abl])), 4)})
     return out
-
-
-def interleaved_step_times(models, x, mask, device, rounds):
-    """Median forward+backward time per method, the methods' steps interleaved so contention hits all alike."""
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            t0 = clock(device)
-            with autocast(device):
-                masked_nll(model(x[:, :-1]), x[:, 1:], mask).backward()
-            times[name].append(clock(device) - t0)
-            model.zero_grad(set_to_none=True)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def aggregate(per_seed):
@@ -682,26 +622,12 @@ def aggregate(per_seed):
     return arm
 
 
-def print_table(arms, heads):
-    lens = list(next(iter(arms.values()))["ppl"])
-    log("\nmethod   | " + " ".join(f"ppl@{L:<6}" for L in lens) + " | " + " ".join(f"key@{L:<5}" for L in lens) + " | ms/step")
-    for name, a in arms.items():
-        keys = " ".join(f"{a['passkey'].get(L, float('nan')):<9.3f}" for L in lens)
-        log(f"{name:<8} | " + " ".join(f"{a['ppl'][L]:<10.3f}" for L in lens) + f" | {keys} | "
-            f"{1000 * a['step_time_s']:.1f}")
-    for name, h in heads.items():
-        log(f"heads[{name}] slot-distance scores (layer × head) per seed {[r['score'] for r in h['seeds'].values()]};"
-            f" top {h['top_each']}; passkey at distance ≥ L/2: all heads {h['passkey_full']:.3f}, top ablated "
-            f"{h['passkey_top_ablated']:.3f}, random ablated {h['passkey_random_ablated']:.3f}")
-
-
 def plot(arms, path):
     try:
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return log("--plot: matplotlib is not installed; no plot")
+    plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="tight")
     for ax, metric in zip(axes, ("ppl", "passkey")):
         for name, a in arms.items():
@@ -722,10 +648,9 @@ def run(cfg):
     methods = [m for m in cfg.methods.split(",") if m]
     methods += [m for m in ("cf_only", "fs_only") if cfg.ablations and m not in methods]
     f = make_pe("fope", cfg)
-    log(f"FoPE: K = {f.n_kept} of {f.half} slots keep ω ≥ 2π/{cfg.train_len}, d' = {f.n_out}, coefficient noise std "
-        f"{f.noise_std:.4f} (σ = {cfg.fope_sigma}, {cfg.fope_noise})")
+    log(f"FoPE: K = {f.n_kept} of {f.half} slots (ω ≥ 2π/{cfg.train_len}), d' = {f.n_out}, noise std {f.noise_std:.4f}")
     t_start = time.process_time()
-    per_seed, heads, models = {m: [] for m in methods}, {}, {}
+    per_seed, heads = {m: [] for m in methods}, {}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         data = build_data(cfg, seed)
         for method in methods:
@@ -736,19 +661,15 @@ def run(cfg):
                 f"({sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters)")
             if data["passkey"] and method in ("rope", "fope", "cf_only", "fs_only"):
                 heads.setdefault(method, {})[str(seed)] = head_analysis(model, cfg, data, device, seed)
-            models[method] = model
     arms = {m: aggregate(r) for m, r in per_seed.items()}
     for name, by_seed in heads.items():
         heads[name] = {"seeds": by_seed, "top_each": [r["top"] for r in by_seed.values()],
                        **{k: round(float(np.mean([r[k] for r in by_seed.values()])), 4) for k in
                           ("passkey_full", "passkey_top_ablated", "passkey_random_ablated")}}
     results = {"config": dataclasses.asdict(cfg), "arms": arms, "heads": heads}  # heads.score: slot-distance corr.
-    if "rope" in models and "fope" in models:
-        x, mask = data["x"][:cfg.batch].to(device), data["loss_mask"][:cfg.batch].to(device)
-        bench = interleaved_step_times({m: models[m] for m in ("rope", "fope")}, x, mask, device, 3 if cfg.smoke else 15)
-        results["step_time"] = {"ratio_fope_rope": round(bench["fope"] / bench["rope"], 4), "interleaved_s": bench,
-                                "train_ratio": round(arms["fope"]["step_time_s"] / arms["rope"]["step_time_s"], 4)}
-        log(f"FoPE/RoPE step-time ratio: {results['step_time']} (goal ≤ 1.15; interleaved forward+backward medians)")
+    if "rope" in arms and "fope" in arms:
+        results["step_time"] = {"ratio_fope_rope": round(arms["fope"]["step_time_s"] / arms["rope"]["step_time_s"], 4)}
+        log(f"FoPE/RoPE step-time ratio {results['step_time']['ratio_fope_rope']} (goal ≤ 1.15; per training step)")
         if data["passkey"] and "256" in arms["fope"]["ppl"]:
             f, r = arms["fope"], arms["rope"]
             results["claim"] = {"fope_ppl256_below_rope": f["ppl"]["256"] < r["ppl"]["256"],
@@ -756,7 +677,14 @@ def run(cfg):
                                 "fope_passkey256_at_least_rope": f["passkey"]["256"] >= r["passkey"]["256"]}
             log(f"claim at 256: {results['claim']}")
     results["cpu_time_s"] = round(time.process_time() - t_start, 1)
-    print_table(arms, heads)
+    lens = list(next(iter(arms.values()))["ppl"])
+    log("\nmethod   | " + " | ".join(" ".join(f"{m}@{L:<5}" for L in lens) for m in ("ppl", "key")) + " | ms/step")
+    for name, a in arms.items():
+        cells = " | ".join(" ".join(f"{a[m].get(L, math.nan):<9.3f}" for L in lens) for m in ("ppl", "passkey"))
+        log(f"{name:<8} | {cells} | {1000 * a['step_time_s']:.1f}")
+    for name, h in heads.items():
+        log(f"heads[{name}] top {h['top_each']}; passkey at distance ≥ L/2: all heads {h['passkey_full']:.3f}, "
+            f"top ablated {h['passkey_top_ablated']:.3f}, random ablated {h['passkey_random_ablated']:.3f}")
     log(f"CPU time {results['cpu_time_s']} s")
     save_json(os.path.join(cfg.out, "results.json"), results)
     if cfg.plot:
