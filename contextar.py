@@ -126,8 +126,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def field_help(cls):
-    """The `# comment` after each Config field is its --help text."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    """The `# comment` after each Config field is its --help text (% escaped for argparse)."""
+    found = re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
 
 
 def parse_config(cls, argv=None):
