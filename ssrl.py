@@ -1,60 +1,46 @@
 """SSRL: Self-Search Reinforcement Learning — arXiv 2508.10874 (https://arxiv.org/abs/2508.10874)
 
-An LLM already holds world knowledge; let it be its own search engine. In one generation it writes a query in
-<search>…</search>, then writes the "retrieved" text itself in <information>…</information>, thinks in
-<think>…</think> and answers in <answer>…</answer>. Self-Search: sampled many times, pass@k climbs with k
-(the knowledge is in the weights but poorly elicited at temperature 1). SSRL: GRPO with a rule-based reward
-(exact match) plus a format reward sharpens it, with the information tokens masked out of the loss.
-Sim-to-real: at inference stop at </search>, paste a real search result as the information block, continue.
-
-Toy: a synthetic knowledge base (people → city → country, people → employer); a small decoder pretrained by
-next-token prediction on fact lines (each repeated a random number of times, so recall is imperfect) and on
-self-search trajectories of a subset of people; one-hop (city, employer) and two-hop (country via the city)
-questions about held-out people, who appear in pretraining only as fact lines.
+An LLM can be its own search engine: in one generation it writes a query (<search>), the "retrieved" text itself
+(<information>), thinks (<think>) and answers (<answer>). Self-Search: pass@k climbs with k (the knowledge is in
+the weights but poorly elicited). SSRL: GRPO with an exact-match plus format reward sharpens it, information
+tokens masked out of the loss. Sim-to-real: stop at </search>, paste a real search result, continue.
+Toy: a synthetic knowledge base (person → city → country, person → employer); a small decoder pretrained on fact
+lines (each repeated 1..max_rep times, so recall is imperfect) and on self-search trajectories of some people;
+one-hop (city, employer) and two-hop (country via city) questions about held-out people (only fact lines).
 
 Key equations (symbols as in the code):
     reward   r = 0.9 · EM(answer, gold) + 0.1 · f
-    format   f = min(t/2, 1) · min(t, s+1) / max(t, s+1), t = #<think> blocks, s = #<search> blocks;
-             f = 0 if #<information> ≠ s, t > 8, an empty block, or the text does not start with <think>
-             and end with </answer>
+    format   f = min(t/2, 1) · min(t, s+1) / max(t, s+1), t = #<think> blocks, s = #<search> blocks; f = 0 if
+             #<information> ≠ s, t > 8, a block is empty, or the text does not start <think> and end </answer>
     GRPO     Â_i = (r_i − mean_G r) / (std_G r + 1e-6);  ρ_t = π_θ(y_t) / π_old(y_t)
              L = token-mean over m_t of max(−Â ρ_t, −Â clip(ρ_t, 1−ε, 1+ε)) + β · k3-KL(π_θ ‖ π_ref)
-    mask     m_t = 1 on generated response tokens, 0 on every token of an <information>…</information>
-             span (tags included): they are "retrieved", not chosen
+    mask     m_t = 1 on response tokens, 0 on every token of an <information>…</information> span (tags included)
     pass@k   = 1 − C(n−c, k) / C(n, k)  (unbiased, n samples of which c are correct)
 
-Run:
-    python ssrl.py                  # pretrain, Self-Search pass@k, SSRL, pass@k again, sim-to-real, stale KB
-    python ssrl.py --steps 20       # fewer RL steps
-    python ssrl.py --no-info-mask   # the ablation: information tokens get policy-gradient and KL loss
-    python ssrl.py --pack-facts 6 --fact-batch 28 --no-info-mask --no-ablation --no-stale   # facts at all positions
-    python ssrl.py --smoke          # the same code path at a tiny size, in seconds (the tests run this)
+Run: `python ssrl.py` (pretrain, pass@k, SSRL mask on and off, pass@k, sim-to-real, stale KB); `--steps 20`;
+`--no-info-mask` (the ablation as the main arm); `--pack-facts 6 --fact-batch 28` (facts at many positions); `--smoke`.
 
-Result of the default run (2-core shared CPU, 1 thread, seed 0: 220 s CPU, 752 s wall under contention):
+Default run (2-core shared CPU, 1 thread, seed 0: 210 s CPU, 222 s wall; earlier runs gave the same values):
     held-out pass@k            1      2      4      8     16     32
     before_rl               0.319  0.439  0.550  0.657  0.759  0.840
     after_rl                0.328  0.456  0.572  0.674  0.770  0.860   (information mask on, as the paper)
     after_rl_info_mask_off  0.327  0.476  0.619  0.739  0.827  0.880   (the ablation)
-    pass@1 on RL people 0.310 → 0.321 (mask on) / 0.383 (mask off); greedy fact recall of held-out people
-    0.943 (temperature 1: 0.837); information fidelity 0.459 → 0.460; format rate 0.932 → 0.947
-    sim-to-real EM: self-search 0.321, real lookup 0.851; stale knowledge base: 0.224 vs 0.845
-  pass@k climbs with k, but RL does not raise held-out pass@1 by 0.1 (+0.009). The gap between pass@1 and
-  pass@32 sits in the information block: the model writes a true fact there 46% of the time, though the same
-  fact line alone is recalled 84% of the time at temperature 1. With the mask on, RL gets no gradient there;
-  with it off, RL sharpens the facts of the people it trains on (+0.07) and not those of anyone else. With facts
-  packed 1–6 to a pretraining sequence (learned at many positions; the command above) RL with the mask off
-  gains about as much on held-out as on RL people: pass@1 0.304 → 0.366 vs 0.264 → 0.333 (183 s CPU).
+    pass@1 on RL people 0.310 → 0.321 (mask on) / 0.383 (off); greedy recall of held-out facts 0.943 (T=1: 0.837);
+    information fidelity 0.459 → 0.460; sim-to-real EM self-search 0.321, real lookup 0.851 (stale KB: 0.224, 0.845)
+  pass@k climbs with k, but RL does not raise held-out pass@1 by 0.1 (+0.009). The model writes a true fact in its
+  information block 46% of the time, though it recalls the bare fact line 84% of the time; with the mask on RL gets
+  no gradient there, with it off it sharpens only the RL people's facts. Facts packed 1–6 to a sequence
+  (`--pack-facts 6 --fact-batch 28 --no-info-mask`): mask-off held-out 0.304 → 0.366. RoPE in place of the learned
+  position embedding (tried, not kept): mask on 0.276 → 0.269, off → 0.309, fidelity 0.419 though greedy recall is
+  0.967; RoPE with packing: 0.270 → 0.279 (on), → 0.339 (off): context, more than position, limits it.
 
 Deviations from the paper (and its official code):
-- A 0.37M-parameter decoder pretrained here on a synthetic knowledge base, not Llama/Qwen 3B–8B on the web;
-  questions are templated one- and two-hop lookups, not NQ/HotpotQA/…; the instruction prompt that makes the
-  base model follow the format is replaced by formatted trajectories of a subset of people in pretraining.
-- GRPO with one policy update per batch (π_old = π_θ, so ρ = 1 and the clip never fires), group size 8,
-  24 questions × 25 steps (each RL person's question seen about once), lr 1e-4 on this tiny model (paper:
-  group 5, lr 1e-6 on 3B–8B models); no entropy bonus. In 30-step trials 3e-4 degraded recall, 3e-5 did little.
+- A 0.37M-parameter decoder on a synthetic knowledge base, not Llama/Qwen 3B–8B; templated questions, not NQ,
+  HotpotQA, …; formatted trajectories of some people in pretraining instead of an instruction prompt.
+- GRPO with one update per batch (π_old = π_θ: ρ = 1, the clip never fires), group 8, 24 questions × 25 steps
+  (each RL question seen about once), lr 1e-4 (paper: group 5, lr 1e-6 on 3B–8B); no entropy bonus.
 - Information masking by token ids (the official regex misses multi-line blocks).
-- The "real search engine" for sim-to-real is an exact lookup in the knowledge base (query: subject words
-  then the relation word); a query it cannot parse gets "no result".
+- The "real search engine" is an exact knowledge-base lookup ("subject words relation"; else "no result").
 """
 
 import argparse
@@ -315,7 +301,6 @@ class KB:
             self.facts[(r["person"], "city")] = r["city"]
             self.facts[(r["person"], "employer")] = r["employer"]
             self.facts.setdefault((r["city"], "country"), r["country"])
-        self.people = [r["person"] for r in rows]
 
     def gold(self, person, rel):
         """The answer to "rel of person ?"; country is two-hop: the country of the person's city."""
@@ -405,7 +390,7 @@ class GPT(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, n_head) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d)
-        self.n_head, self.max_len = n_head, max_len
+        self.n_head = n_head
         for m in self.modules():  # GPT-2 init: N(0, 0.02) weights, zero biases
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -531,12 +516,8 @@ def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps=0.2, kl_coef=0.001):
 
 @torch.no_grad()
 def generate(model, prompts, max_new, tok, device, temperature=1.0, search=None):
-    """Sample responses with a KV cache. prompts: lists of ids (left-padded here).
-
-    search: None (self-search), or a function query text → information text: then each time a row writes
-    </search>, "<information>…</information>" from the real search is forced into it and sampling continues.
-    Returns seq (B, Lp + T) ids, valid (B, Lp + T) bool, Lp.
-    """
+    """Sample with a KV cache from prompts (lists of ids, left-padded here) → seq (B, Lp+T), valid (B, Lp+T), Lp.
+    search: None (self-search), or query text → information text, forced into a row after each </search>."""
     B, Lp = len(prompts), max(len(p) for p in prompts)
     L, pad, stop = Lp + max_new, tok.special["<pad>"], tok.special["</answer>"]
     seq = torch.full((B, L), pad, dtype=torch.long, device=device)
@@ -628,7 +609,8 @@ def parse_information(text):
 def evaluate(model, kb, questions, n, tok, device, max_new, search=None, chunk=2048):
     """n samples per (person, relation): pass@k, format rate, searches, information fidelity, consistency."""
     model.eval()
-    correct, stats = [], {k: [] for k in ("format", "searches", "fid", "name_ok", "consistent", "ok_true", "ok_false")}
+    correct, stats = [], {k: [] for k in ("format_rate", "searches_per_answer", "info_fidelity", "query_names_person",
+                                          "answer_info_consistency", "true_info", "false_info")}
     flat = [(p, r) for p, r in questions for _ in range(n)]
     for lo in range(0, len(flat), chunk):
         part = flat[lo:lo + chunk]
@@ -638,25 +620,23 @@ def evaluate(model, kb, questions, n, tok, device, max_new, search=None, chunk=2
             pred, info = extract_answer(text), parse_information(text)
             ok = pred is not None and exact_match(pred, kb.gold(p, r)) == 1.0
             correct.append(ok)
-            stats["format"].append(format_reward(text) == 1.0)
-            stats["searches"].append(text.count("<search>"))
+            stats["format_rate"].append(format_reward(text) == 1.0)
+            stats["searches_per_answer"].append(text.count("<search>"))
             if info:  # fidelity: the written facts that are true in the knowledge base
                 true = [f is not None and kb.facts.get(f[:2]) == f[2] for f in info]
-                stats["fid"] += true
-                stats["ok_true" if all(true) else "ok_false"].append(ok)
+                stats["info_fidelity"] += true
+                stats["true_info" if all(true) else "false_info"].append(ok)
                 if pred is not None and info[-1] is not None:
-                    stats["consistent"].append(normalize_answer(pred) == normalize_answer(info[-1][2]))
+                    stats["answer_info_consistency"].append(normalize_answer(pred) == normalize_answer(info[-1][2]))
             queries = re.findall(r"<search>(.*?)</search>", text, re.S)
-            stats["name_ok"].append(bool(queries) and queries[0].strip().startswith(p + " "))
+            stats["query_names_person"].append(bool(queries) and queries[0].strip().startswith(p + " "))
     c = np.array(correct).reshape(len(questions), n).sum(1)  # (Q,) correct samples per question
     mean = lambda xs: float(np.mean(xs)) if len(xs) else None  # None: nothing to average
-    stats["all_true"] = [1.0] * len(stats["ok_true"]) + [0.0] * len(stats["ok_false"])
-    names = {"format_rate": "format", "searches_per_answer": "searches", "info_fidelity": "fid", "query_names_person":
-             "name_ok", "answer_info_consistency": "consistent", "p_correct_given_true_info": "ok_true",
-             "p_correct_given_false_info": "ok_false", "all_info_true_rate": "all_true"}
+    stats["all_info_true_rate"] = [1.0] * len(stats["true_info"]) + [0.0] * len(stats["false_info"])
+    stats["p_correct_given_true_info"], stats["p_correct_given_false_info"] = stats.pop("true_info"), stats.pop("false_info")
     return {"pass_at_k": {str(k): mean([pass_at_k(n, ci, k) for ci in c]) for k in range(1, n + 1)},
             "pass1_by_relation": {r: mean([ci / n for (_, q), ci in zip(questions, c) if q == r]) for r in RELATIONS},
-            **{name: mean(stats[key]) for name, key in names.items()}}
+            **{name: mean(values) for name, values in stats.items()}}
 
 
 @torch.no_grad()
@@ -752,7 +732,7 @@ def run(cfg):
     tok = Tokenizer(sorted({w for r in rows for c in COLUMNS for w in r[c].split()} | set(FILLER) | set(RELATIONS)))
     facts, trajs = pretraining_pool(kb, tok, traj_people, random.Random(cfg.seed + 2), cfg.max_rep, cfg.pack_facts)
     model = GPT(len(tok.raw), cfg.d_model, cfg.n_layer, cfg.n_head, 192).to(device)
-    log(f"{len(kb.people)} people: {len(traj_people)} with trajectories, {len(rl_people)} for RL, {len(heldout)} held out; "
+    log(f"{len(people)} people: {len(traj_people)} with trajectories, {len(rl_people)} for RL, {len(heldout)} held out; "
         f"{len(facts)} fact lines, {len(trajs)} trajectories; vocab {len(tok.raw)}; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     log("== pretraining")
@@ -768,10 +748,8 @@ def run(cfg):
                                           cfg.max_new)["pass_at_k"]["1"]
         out["greedy_recall_heldout"], out["sampled_recall_heldout"] = recall(m, kb, heldout, tok, device)
         out["greedy_recall_rl_people"], out["sampled_recall_rl_people"] = recall(m, kb, rl_slice, tok, device)
-        log(f"{name}: held-out pass@1 {fmt(out['pass_at_k']['1'])} pass@{cfg.n_samples} "
-            f"{fmt(out['pass_at_k'][str(cfg.n_samples)])} | pass@1 RL people {fmt(out['pass1_rl_people'])} | greedy recall "
-            f"held-out {fmt(out['greedy_recall_heldout'])} (T=1 {fmt(out['sampled_recall_heldout'])}) | format {fmt(out['format_rate'])} | fidelity "
-            f"{fmt(out['info_fidelity'])} | query names person {fmt(out['query_names_person'])}")
+        keys = ("pass1_rl_people", "greedy_recall_heldout", "sampled_recall_heldout", "format_rate", "info_fidelity")
+        log(f"{name}: held-out pass@1 {fmt(out['pass_at_k']['1'])} | " + " | ".join(f"{k} {fmt(out[k])}" for k in keys))
         return out
 
     arms, histories = {"before_rl": measure("before RL", model)}, {}

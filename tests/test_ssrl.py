@@ -169,6 +169,25 @@ def test_sim_to_real_pastes_the_lookup_after_search():
     assert text.startswith("</search><information> no result</information></search>"), text
 
 
+# --- the KV-cache sampler passes the right positions and masks ---
+
+
+def test_kv_cache_decoding_equals_the_full_forward_with_left_padding():
+    torch.manual_seed(0)
+    model = ssrl.GPT(30, 16, 2, 2, 32).eval()
+    ids, valid = torch.randint(0, 30, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 is left-padded: its first real token is at position 0
+    pos = ssrl.positions(valid)  # row 1: 0 0 0 0 1 2 ...
+    with torch.no_grad():
+        full = model(ids, pos, ssrl.full_mask(valid))  # (2, 9, V)
+        cache = model.new_cache(2, 9, "cpu")
+        steps = [model(ids[:, :5], pos[:, :5], ssrl.full_mask(valid[:, :5]), cache, 0)]
+        steps += [model(ids[:, t:t + 1], pos[:, t:t + 1], valid[:, None, None, :t + 1], cache, t) for t in range(5, 9)]
+    inc = torch.cat(steps, 1)
+    torch.testing.assert_close(inc[0], full[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)  # padded query rows are never used
+
+
 def test_main_smoke_writes_the_issue_keys(tmp_path):
     ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     arms = json.loads((tmp_path / "results.json").read_text())["arms"]
