@@ -16,6 +16,7 @@ from conftest import ROOT
 ALL_SCRIPTS = ["flowrl", "fope", "contextar", "ssrl", "read_r", "hallucination_lens", "msi_agent"]
 SCRIPTS = [s for s in ALL_SCRIPTS if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
 GRPO_SCRIPTS = [s for s in ["flowrl", "ssrl", "read_r"] if s in SCRIPTS]
+ENCODING_SCRIPTS = [s for s in ["ssrl", "read_r", "hallucination_lens", "msi_agent"] if s in SCRIPTS]
 
 
 def boilerplate(name):
@@ -123,3 +124,14 @@ def test_grpo_is_the_same_function_everywhere(name):
         loss.backward()
         outs.append((loss.detach(), x.grad))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ENCODING_SCRIPTS)
+def test_word_encoding_is_the_same_function_everywhere(name):
+    module, first = importlib.import_module(name), importlib.import_module(ENCODING_SCRIPTS[0])
+    assert inspect.getsource(module.word_encoding) == inspect.getsource(first.word_encoding)
+    # every vocabulary word and tag is one token, and unknown text still round-trips byte by byte
+    enc = module.word_encoding(["cat", "cats"], ["<think>"])
+    assert len(enc.encode("cats cat", allowed_special="all")) == 2
+    assert enc.encode("<think>", allowed_special="all") == [enc.n_vocab - 1]
+    assert enc.decode(enc.encode("dog!", allowed_special="all")) == "dog!"
