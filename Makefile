@@ -6,7 +6,7 @@ SCRIPTS := flowrl fope contextar ssrl read_r hallucination_lens msi_agent
 .PHONY: test smoke reproduce deps
 
 deps:
-	@$(PYTHON) -c "import torch, numpy, tiktoken, datasets, pytest" 2>/dev/null || $(PYTHON) -m pip install -r requirements.txt
+	@$(PYTHON) -c "import torch, numpy, tiktoken, datasets, matplotlib, pytest" 2>/dev/null || $(PYTHON) -m pip install -r requirements.txt
 
 test: deps
 	$(PYTHON) -m pytest -q tests

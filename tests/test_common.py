@@ -1,12 +1,15 @@
-"""The contract every script keeps: importable without side effects, a generated --help, a --smoke run that
-writes results.json and repeats itself exactly with the same seed, bad input answered with one line and
-exit status 2, and the shared boilerplate (and GRPO) as the same text everywhere."""
+"""The contract every script keeps: importable without side effects, a generated --help, a --smoke run
+that writes results.json and a figure and repeats itself exactly with the same seed, bad input answered
+with one line and exit status 2, the house layout (paper first, boilerplate last, one statement per
+line, lines <= 100 characters), and the shared boilerplate (and GRPO) as the same text everywhere."""
+import ast
 import importlib
 import inspect
 import json
 import os
 import subprocess
 import sys
+import tokenize
 
 import pytest
 import torch
@@ -19,11 +22,15 @@ GRPO_SCRIPTS = [s for s in ["flowrl", "ssrl", "read_r"] if s in SCRIPTS]
 ENCODING_SCRIPTS = [s for s in ["ssrl", "read_r", "hallucination_lens", "msi_agent"] if s in SCRIPTS]
 
 
+def source(name):
+    with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+        return f.read()
+
+
 def boilerplate(name):
-    src = open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8").read()
-    start = src.index("# --- boilerplate")
-    end = src.index("# --- end of boilerplate ---")
-    return src[start:end]
+    """From the boilerplate banner to the end of the file (the `__main__` guard is its last line)."""
+    src = source(name)
+    return src[src.index("# --- boilerplate"):]
 
 
 def drop_timing(obj):
@@ -71,6 +78,7 @@ def test_smoke_writes_results_and_repeats_exactly(name, tmp_path):
         with open(out / "results.json") as f:
             results.append(json.load(f))
     assert "arms" in results[0] and results[0]["arms"]
+    assert any(f.endswith(".png") for f in os.listdir(tmp_path / "a")), "no headline figure written"
     results[0]["config"].pop("out"), results[1]["config"].pop("out")
     assert drop_timing(results[0]) == drop_timing(results[1])
 
@@ -107,6 +115,39 @@ def test_boilerplate_is_the_same_text_everywhere(name):
     assert boilerplate(name) == boilerplate(SCRIPTS[0])
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_house_layout(name):
+    """Paper first, boilerplate last; lines <= 100 characters; one statement per line."""
+    src = source(name)
+    lines = src.splitlines()
+    long_lines = [i for i, line in enumerate(lines, 1) if len(line) > 100 and "http" not in line]
+    assert not long_lines, f"{name}.py: lines over 100 characters: {long_lines[:10]}"
+    banners = [line for line in lines if line.startswith("# ---")]
+    assert "boilerplate" in banners[-1], f"{name}.py: the boilerplate banner must be the last one"
+    assert lines[-2:] == ['if __name__ == "__main__":', "    main()"]
+    order = [src.index(marker) for marker in ('"""', "\nimport ", "class Config", "# --- boilerplate")]
+    assert order == sorted(order), f"{name}.py: docstring, imports, Config, ..., boilerplate"
+    tree = ast.parse(src)
+    packed = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+            packed.append((node.lineno, "lambda bound to a name"))
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple) and any(
+                isinstance(t, ast.Tuple) for t in node.targets):
+            packed.append((node.lineno, "a, b = x, y"))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple):
+            packed.append((node.lineno, "tuple used as a statement"))
+        body = getattr(node, "body", None)
+        if isinstance(node, ast.stmt) and isinstance(body, list) and body:
+            if body[0].lineno == node.lineno:
+                packed.append((node.lineno, "body on the header's line"))
+    with open(os.path.join(ROOT, f"{name}.py"), "rb") as f:
+        for tok in tokenize.tokenize(f.readline):
+            if tok.type == tokenize.OP and tok.string == ";":
+                packed.append((tok.start[0], "';'"))
+    assert not packed, f"{name}.py: more than one statement on a line: {packed[:10]}"
+
+
 @pytest.mark.parametrize("name", GRPO_SCRIPTS)
 def test_grpo_is_the_same_function_everywhere(name):
     module, first = importlib.import_module(name), importlib.import_module(GRPO_SCRIPTS[0])
@@ -124,6 +165,38 @@ def test_grpo_is_the_same_function_everywhere(name):
         loss.backward()
         outs.append((loss.detach(), x.grad))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", GRPO_SCRIPTS)
+def test_grpo_kl_is_verls_clamped_low_var_kl(name):
+    module = importlib.import_module(name)
+    # one token, Â = 0, so the loss is kl_coef * k3; u = ref - logp
+    # u = 1:  e^1 - 1 - 1 = 0.718282 (inside both clamps)
+    # u = 30: clamped to 20, e^20 - 20 - 1 = 4.85e8, then the estimate clamped to 10
+    # unclamped u = 3: e^3 - 3 - 1 = 16.0855 (the labelled kl_clamp=False variant keeps it)
+    zero = torch.zeros(1, 1)
+    one = torch.ones(1, 1)
+    adv = torch.zeros(1)
+    for u, clamp, expected in [(1.0, True, 0.718282), (30.0, True, 10.0), (3.0, False, 16.085537)]:
+        loss, stats = module.grpo_loss(zero, zero, zero + u, one, adv, kl_coef=1.0, kl_clamp=clamp)
+        torch.testing.assert_close(loss, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    # a (N, 1) advantage must not broadcast silently
+    with pytest.raises(ValueError):
+        module.grpo_loss(zero, zero, zero, one, torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("name", GRPO_SCRIPTS)
+def test_group_normalize_groups_of_one_and_equal_groups(name):
+    module = importlib.import_module(name)
+    # G = 1: mean 0, std 1 as verl -> r / (1 + 1e-6)
+    out = module.group_normalize(torch.tensor([[2.0], [0.0]]))
+    torch.testing.assert_close(out, torch.tensor([[2.0 / (1 + 1e-6)], [0.0]]))
+    # equal rewards -> 0, no NaN; [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    out = module.group_normalize(torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(out[0], torch.zeros(3))
+    out = module.group_normalize(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    expected = 0.5 / (0.5773503 + 1e-6)
+    torch.testing.assert_close(out, torch.tensor([[expected, -expected, -expected, expected]]))
 
 
 @pytest.mark.parametrize("name", ENCODING_SCRIPTS)
