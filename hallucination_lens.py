@@ -1,53 +1,55 @@
 """On Large Language Models' Hallucination with Regard to Known Facts — arXiv 2403.20009
-(https://arxiv.org/abs/2403.20009), NAACL 2024.
+(https://arxiv.org/abs/2403.20009), Jiang et al., NAACL 2024.
 
-A model can know a fact (answer it right through one phrasing) and still get another phrasing of the same
-(subject, relation, object) wrong. The logit lens (final norm + unembedding applied to the last position's
-residual after every sub-layer) shows *when* the output token appears: in right answers its probability
-jumps mid-network and stays on top; in hallucinations it surfaces late. A linear classifier on these curves
-detects hallucinations; here it sits beside two baselines the paper never ran (final probability, entropy).
+A model can know a fact (answer it right through one phrasing) and still get another phrasing
+of the same (subject, relation, object) triplet wrong. The logit lens (final norm + unembedding
+applied to the last position's residual after every sub-layer) shows *when* the output token
+appears: in right answers its probability rises mid-network and stays on top; in hallucinations
+it surfaces late or weakly. The paper trains a linear SVM on these curves and detects
+hallucinations with 88% accuracy. It ran no baseline: here the curve detector sits beside the
+final probability, the final entropy and the prompt's template, on prompts never trained for any
+fact, where right and wrong answers both come from generalisation.
 
 Key equations (symbols as in the code):
-    logit lens   p_l = softmax(W_U · LN_f(h_l)),  l = emb, attn1, mlp1, ..., attnL, mlpL  (P = 1 + 2L points)
-    tuned lens   (A_l, b_l) = argmin Σ_n ||A_l h_l,n + b_l - h_final,n||²  (least squares);  q_l = p(A_l h_l + b_l)
-    output       o = argmax p_final; right iff o == gold.  Cases: success p_l[gold] on right prompts,
-                 fail p_l[gold] on wrong prompts, hallucination p_l[o] on wrong prompts
-    detector     x = (p_l[o])_l and/or (q_l[o])_l (no gold needed); score = w · standardize(x) + b
-                 logreg: mean c_y softplus(-m) + λ/2||w||²;  svm: mean c_y max(0, 1 - m)² + λ/2||w||²;
-                 m = (2y - 1) score, c_y = N / (2 N_y); metric: balanced accuracy
+    logit lens   p_l = softmax(W_U · LN_f(h_l)),  l = emb, attn1, mlp1, ..., attnL, mlpL
+                 (P = 1 + 2L points at the last position)
+    tuned lens   (A_l, b_l) = argmin Σ_n ||A_l h_l,n + b_l - h_final,n||² (least squares);
+                 q_l = softmax(W_U · LN_f(A_l h_l + b_l))
+    output       o = argmax p_final; right iff o == gold. Cases: success p_l[gold] on right
+                 prompts, fail p_l[gold] on wrong prompts, hallucination p_l[o] on wrong prompts
+    curve        x_l = logit p_l[o] = log p_l[o] - log Σ_{v≠o} p_l[v]  (no gold token needed)
+    detector     score = w · standardize(x) + b;  m = (2y - 1) score;  c_y = N / (2 N_y)
+                 logreg: mean c_y softplus(-m) + λ/2||w||²
+                 svm:    mean c_y max(0, 1 - m)² + λ/2||w||²
+    metric       balanced accuracy of out-of-fold predictions, subject-grouped 5-fold
 
 Run:
-    python hallucination_lens.py                 # the whole comparison at the defaults (≤ 5 min on 2 CPU cores)
-    python hallucination_lens.py --smoke         # the same code path at a tiny size, in seconds
-    python hallucination_lens.py --plot          # also draws the mean curves (needs matplotlib)
+    python hallucination_lens.py            # the whole comparison, 3 seeds
+    python hallucination_lens.py --smoke    # the same code path at a tiny size, in seconds
 
-Result of the default run (2-core CPU, 1 thread: 112 s CPU, ~6.5 min wall while 8 sessions shared the cores):
-    facts mixed at the end of training (right through some templates, wrong through others): 52.7%; every
-    trained pair right (1.0); held-out pairs: distractor template 0.70, alias templates 0.35 / 0.36
-    logit lens, mean p of the token  emb   attn1 mlp1  attn2 mlp2  attn3 mlp3  attn4 mlp4
-      success (gold, n 1576)         0.03  0.15  0.19  0.41  0.47  0.70  0.81  0.93  0.97
-      fail (gold, n 952)             0.03  0.11  0.13  0.11  0.11  0.10  0.09  0.07  0.05
-      hallucination (output, n 952)  0.03  0.16  0.21  0.33  0.37  0.47  0.55  0.64  0.75
-    top-1 at an intermediate point: success 0.98, fail 0.27, hallucination 0.83
-    detector, balanced accuracy, random / subject-grouped split (mean of 5 splits, 2528 prompts):
-      logreg on curves: logit 0.790 / 0.806, tuned 0.817 / 0.800, both 0.794 / 0.791
-      svm on curves:    logit 0.781 / 0.797, tuned 0.807 / 0.786, both 0.786 / 0.793
-      final-prob threshold 0.841 / 0.842, final-entropy threshold 0.839 / 0.841: the curve adds nothing here
+RESULTS_PLACEHOLDER
 
 Deviations from the paper (and its official code):
-- A synthetic knowledge base (300 subjects x 4 relations, Zipf object prior) and a 4-layer d-64 decoder trained
-  from scratch replace COUNTERFACT and Llama2-7B-chat. Phrasing matters through held-out (fact, template)
-  pairs: template 0 is always trained, templates 1-3 each with probability template_train. Templates 2-3 name
-  the subject by an alias; "alias is also known as name" is trained for every subject, yet the model does not
-  compose alias → name → object. Template 1 puts a distractor subject nearer the answer slot.
-- Curves after the embedding and after every attention and MLP sub-layer (the paper: after each layer).
-  "Top-1 at some layer" counts intermediate points only (the last point is the output itself).
-- Detector data: all prompts of mixed facts, right (0) vs wrong (1), class-weighted instead of subsampled;
-  the paper: success vs hallucination samples, a linear SVM, one 80/20 random split. Logistic regression,
-  the subject-grouped split, the two baselines and re-setting the decision threshold to the best training
-  balanced accuracy (as the baselines do) are additions. The SVM uses the squared hinge.
-- The tuned lens is an affine map fitted in closed form (tiny ridge) to the final residual, not trained with
-  SGD on a KL loss as in Belrose et al.
+- A synthetic knowledge base (300 subjects x 4 relations, Zipf object prior) and a 4-layer d-64
+  decoder trained from scratch replace COUNTERFACT and Llama2-7B-chat. Phrasing matters through
+  held-out (fact, template) pairs: template 0 is always trained, templates 1-3 each with
+  probability template_train. Templates 2-3 name the subject by an alias ("alias is also known
+  as name" is trained for every subject); template 1 names a distractor subject and that
+  subject's own object for the relation, a competing answer in the prompt.
+- Curves after the embedding and after every attention and MLP sub-layer (the paper: after each
+  layer). "Top-1 at some layer" counts intermediate points only (the last is the output itself).
+- Curves as log-odds of the output token, not raw probabilities (raw p saturates near 1).
+- Detector data: `unseen_prompts` = the held-out prompts of facts the model knows (right through
+  some template), right (0) vs wrong (1); `all_prompts` = every prompt of a mixed fact (the first
+  version's setting, where trained prompts are always right). Classes are weighted, not
+  subsampled; subject-grouped 5-fold instead of one random 80/20 split; the decision threshold is
+  re-set to the best training balanced accuracy, as for the 1-D baselines; the SVM uses the
+  squared hinge. The paper's detector used success vs hallucination samples and plain accuracy.
+- Baselines and controls the paper never ran: final probability and final entropy thresholds,
+  the template alone, template + final probability, template + curve, and AUROC inside
+  final-probability bins (and bin x template cells).
+- The tuned lens is an affine map fitted in closed form (tiny ridge) on the trained prompts to
+  the final residual, not trained with SGD on a KL loss as in Belrose et al.
 """
 
 import argparse
@@ -61,233 +63,133 @@ import random
 import re
 import sys
 import time
+from typing import NamedTuple
 
+import datasets
 import numpy as np
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tiktoken
-import datasets
-
-# --- config ---
 
 
 @dataclasses.dataclass
 class Config:
-    """Train a small decoder on a synthetic knowledge base, read its known-fact hallucinations with the logit and tuned lens, and detect them from the curves."""
+    """Train small decoders on a synthetic knowledge base, read their known-fact hallucinations
+    with the logit and tuned lens, and detect them from the curves beside simple baselines."""
 
-    steps: int = 1000  # training steps
-    seed: int = 0  # random seed
+    steps: int = 800  # training steps per seed
+    seed: int = 0  # the first seed; the run uses seed, seed + 1, ..., seed + n_seeds - 1
+    n_seeds: int = 3  # seeds (one knowledge-base split and one model each)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
-    data: str = ""  # JSON-lines facts with columns subject, relation, object (one word each); empty: synthetic KB
-    out: str = "runs/hallucination_lens"  # folder for results.json
+    data: str = ""  # JSON-lines facts: subject, relation, object (one word each); empty: synthetic
+    out: str = "runs/hallucination_lens"  # folder for results.json and the figure
     smoke: bool = False  # the same code path at a tiny size, in seconds
     log_every: int = 200  # steps between log lines
     n_subjects: int = 300  # subjects in the synthetic knowledge base
     n_relations: int = 4  # relations in the synthetic knowledge base
     n_objects: int = 16  # objects per relation
     zipf: float = 1.0  # object prior p(k) ∝ (k+1)^-zipf: the model's "default guess" per relation
-    template_train: float = 0.5  # probability that a (fact, template) pair is trained, templates 1-3 (0: always)
+    template_train: float = 0.5  # chance that a (fact, template 1-3) pair is trained (0: always)
     n_layers: int = 4  # decoder layers
     d_model: int = 64  # residual width
     n_heads: int = 4  # attention heads
     batch_size: int = 128  # prompts per step
-    lr: float = 3e-3  # AdamW learning rate (linear warm-up over steps / 20, then cosine decay)
+    lr: float = 3e-3  # AdamW peak learning rate (warm-up over steps / 20, cosine decay to lr / 10)
     weight_decay: float = 0.01  # AdamW weight decay
-    test_frac: float = 0.2  # share of samples (random) or subjects (grouped) held out for the detector
-    n_splits: int = 5  # random re-splits the detector's accuracy is averaged over
-    plot: bool = False  # draw the mean curves to <out>/curves.png (needs matplotlib)
+    n_folds: int = 5  # subject-grouped cross-validation folds for the detectors
 
     def __post_init__(self):
-        require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        for name in ("n_subjects", "n_relations", "n_objects", "n_layers", "d_model", "n_heads", "batch_size", "n_splits"):
-            require(getattr(self, name) > 0, f"--{name.replace('_', '-')} {getattr(self, name)}: must be positive")
-        require(self.d_model % self.n_heads == 0, f"--d-model {self.d_model} must be divisible by --n-heads")
+        positive = ("n_seeds", "log_every", "n_subjects", "n_relations", "n_objects", "n_layers",
+                    "d_model", "n_heads", "batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            require(value > 0, f"--{name.replace('_', '-')} {value}: must be positive")
+        require(self.d_model % self.n_heads == 0,
+                f"--d-model {self.d_model}: must be divisible by --n-heads {self.n_heads}")
         require(self.zipf >= 0, f"--zipf {self.zipf}: must be >= 0")
-        require(0 <= self.template_train <= 1, f"--template-train {self.template_train}: must be in [0, 1]")
-        require(self.lr > 0 and self.weight_decay >= 0, "--lr must be positive and --weight-decay >= 0")
-        require(0 < self.test_frac < 1, f"--test-frac {self.test_frac}: must be in (0, 1)")
+        require(0 <= self.template_train <= 1,
+                f"--template-train {self.template_train}: must be in [0, 1]")
+        require(self.lr > 0, f"--lr {self.lr}: must be positive")
+        require(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
+        require(self.n_folds >= 2, f"--n-folds {self.n_folds}: must be at least 2")
 
-
-# --- boilerplate: CLI, seeding, device, logging, files (the same text in every script) ---
-
-
-class BadInput(Exception):
-    """A user error (bad flag, value or file): main() prints this one line and exits with status 2."""
-
-
-class NonFinite(Exception):
-    """A loss term turned NaN or inf: main() prints the step and the term and exits with status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we want one line
-        raise BadInput(message)
-
-
-def field_help(cls):
-    """The `# comment` after each Config field is its --help text (% escaped for argparse)."""
-    found = re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
-    return {name: text.replace("%", "%%") for name, text in found}
-
-
-def parse_config(cls, argv=None):
-    """argparse built from the dataclass fields: `foo_bar: int = 3` becomes `--foo-bar 3`."""
-    helps = field_help(cls)
-    parser = _Parser(description=(cls.__doc__ or "").strip(),
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, metavar=f.type.__name__.upper(),
-                                help=helps.get(f.name))
-    cfg = cls(**vars(parser.parse_args(argv)))
-    require(cfg.device in ("auto", "cpu", "cuda", "mps"), f"--device {cfg.device}: choose auto, cpu, cuda or mps")
-    require(cfg.steps > 0, f"--steps {cfg.steps}: must be a positive number of steps")
-    require(not cfg.data or os.path.isfile(cfg.data), f"--data {cfg.data}: no such file")
-    return cfg
-
-
-def require(condition, message):
-    if not condition:
-        raise BadInput(message)
-
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device(name):
-    """auto: cuda, then mps, then cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device on this machine")
-    require(name != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device on this machine")
-    return torch.device(name)
-
-
-def autocast(device):
-    """bf16 autocast on a CUDA device that supports it; fp32 everywhere else."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def log(message):
-    print(message, flush=True)
-
-
-def log_progress(step, total, start_time, **metrics):
-    """One line: step, the metrics given (loss terms, reward, throughput), elapsed time and ETA."""
-    elapsed = time.time() - start_time
-    eta = elapsed / step * (total - step)
-    values = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-    log(f"step {step:>5}/{total} | {values} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
-
-
-def check_finite(step, **terms):
-    """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
-    for name, value in terms.items():
-        if not math.isfinite(float(value)):
-            raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
-
-
-def load_user_data(path, columns):
-    """A user's JSON-lines file as a datasets.Dataset; a bad file is one BadInput line (file, line, column)."""
-    n_rows = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
-            for column in columns:
-                require(isinstance(row, dict) and column in row, f"--data {path}, line {line_no}: missing column '{column}'")
-            n_rows += 1
-    require(n_rows > 0, f"--data {path}: no rows")
-    datasets.disable_progress_bars()
-    return datasets.load_dataset("json", data_files=path, split="train")
-
-
-def save_json(path, obj):
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def run_cli(cls, run, argv=None):
-    """Parse argv into a Config and call run(cfg); a user error exits 2, a non-finite loss exits 1."""
-    try:
-        return run(parse_config(cls, argv))
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFinite as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-# --- end of boilerplate ---
 
 # --- data ---
 
-RELATION_WORDS = ["capital", "language", "sport", "color", "religion", "genre", "team", "instrument"]
-# Four templates per relation. {s}: the subject's name, {a}: its alias, {r}: the relation word,
-# {d}: another subject (a distractor). Canonical names near / far-with-distractor, alias near / far.
-TEMPLATES = ["{s} {r} :", "{s} , friend of {d} , has {r}", "{a} {r} :", "the {r} of {a} , they say , is"]
-LINK_TEMPLATE = "{a} is also known as"  # trained for every subject: the alias → name link
+RELATION_WORDS = ["capital", "language", "sport", "color", "religion", "genre", "team",
+                  "instrument"]
+# Four phrasings of every (subject, relation, object) triplet; the answer is the next token.
+# {s}: the subject's name, {a}: its alias, {r}: the relation word, {d}: another subject (a
+# distractor) and {o}: the distractor's own object for this relation, named in the prompt.
+TEMPLATES = [
+    "{s} {r} :",  # 0: the name next to the answer slot (always trained)
+    "{s} , friend of {d} ( {o} ) , has {r}",  # 1: a distractor subject and object in between
+    "{a} {r} :",  # 2: the alias next to the answer slot
+    "the {r} of {a} , they say , is",  # 3: the alias far from the answer slot
+]
+LINK_TEMPLATE = "{a} is also known as"  # trained for every subject: the alias -> name link
 
 
 def make_kb(n_subjects, n_relations, n_objects, zipf, rng):
-    """Synthetic triplets: object k of relation r drawn with p(k) ∝ (k+1)^-zipf. Returns a list of dicts."""
-    rel_words = RELATION_WORDS[:n_relations] + [f"rel{j}" for j in range(len(RELATION_WORDS), n_relations)]
+    """Synthetic triplets: object k of a relation drawn with p(k) ∝ (k+1)^-zipf (dicts)."""
+    extra = [f"rel{j}" for j in range(len(RELATION_WORDS), n_relations)]
+    relation_words = RELATION_WORDS[:n_relations] + extra
     prior = np.arange(1, n_objects + 1, dtype=np.float64) ** -zipf
     prior /= prior.sum()
-    return [{"subject": f"s{i}", "relation": r, "object": f"{r}{rng.choice(n_objects, p=prior)}"}
-            for i in range(n_subjects) for r in rel_words]
+    facts = []
+    for i in range(n_subjects):
+        for r in relation_words:
+            k = rng.choice(n_objects, p=prior)
+            facts.append({"subject": f"s{i}", "relation": r, "object": f"{r}{k}"})
+    return facts
 
 
 def build_prompts(facts, template_train, rng):
-    """Every fact through every template, plus one alias link per subject. Template 0 and the links are
-    always trained; each (fact, template 1-3) pair is trained with probability template_train, else held out.
-    Returns dicts: text, answer, fact (index; -1 for links), template (index; -1), subject, train (bool)."""
+    """Every fact through every template, plus one alias link per subject.
+
+    Template 0 and the links are always trained; each (fact, template 1-3) pair is trained with
+    probability template_train, else held out (an unseen prompt). Template 1 names a distractor:
+    another subject with the same relation, and that subject's own object. Returns dicts with
+    text, answer, fact (index; -1 for links), template (index; -1), subject, train (bool).
+    """
     subjects = sorted({f["subject"] for f in facts}, key=lambda s: (len(s), s))
+    object_of = {(f["subject"], f["relation"]): f["object"] for f in facts}
+    holders = {}  # relation -> subjects that have a fact for it
+    for f in facts:
+        holders.setdefault(f["relation"], []).append(f["subject"])
     prompts = []
     for i, f in enumerate(facts):
         s = f["subject"]
-        others = [x for x in subjects if x != s] or [s]
+        r = f["relation"]
+        others = [x for x in holders[r] if x != s] or [s]
         d = others[rng.integers(len(others))]
-        for t, tpl in enumerate(TEMPLATES):
+        fields = dict(s=s, a="aka_" + s, r=r, d=d, o=object_of[(d, r)])
+        for t, template in enumerate(TEMPLATES):
             train = t == 0 or rng.random() < template_train
-            text = "<bos> " + tpl.format(s=s, a="aka_" + s, r=f["relation"], d=d)
-            prompts.append(dict(text=text, answer=f["object"], fact=i, template=t, subject=s, train=train))
-    return prompts + [dict(text="<bos> " + LINK_TEMPLATE.format(a="aka_" + s), answer=s, fact=-1, template=-1,
-                           subject=s, train=True) for s in subjects]
+            prompts.append(dict(text="<bos> " + template.format(**fields), answer=f["object"],
+                                fact=i, template=t, subject=s, train=train))
+    for s in subjects:
+        text = "<bos> " + LINK_TEMPLATE.format(a="aka_" + s)
+        prompts.append(dict(text=text, answer=s, fact=-1, template=-1, subject=s, train=True))
+    return prompts
 
 
 def tokenize(prompts):
-    """Closed-word tiktoken encoding, then compact ids; prompts left-padded to one length with <pad>.
-    Returns tokens (N, T) long, answers (N,) long, and the id → word list."""
+    """Closed-word tiktoken encoding, then compact ids; prompts left-padded to one length.
+    Returns tokens (N, T) long, answers (N,) long and the id -> word list."""
     words = {w for p in prompts for w in p["text"].split()[1:] + [p["answer"]]}
     enc = word_encoding(sorted(words), ["<bos>", "<pad>"])
     seqs = [enc.encode(p["text"], allowed_special="all") for p in prompts]
-    answers = [enc.encode(" " + p["answer"]) for p in prompts]
-    assert all(len(a) == 1 for a in answers), "every answer must be one token"
+    answer_ids = [enc.encode(" " + p["answer"]) for p in prompts]
+    require(all(len(a) == 1 for a in answer_ids), "every answer must be one word (one token)")
     pad = enc.encode("<pad>", allowed_special="all")[0]
-    used = sorted({t for s in seqs for t in s} | {a[0] for a in answers} | {pad})
+    used = sorted({t for s in seqs for t in s} | {a[0] for a in answer_ids} | {pad})
     compact = {t: i for i, t in enumerate(used)}
     width = max(len(s) for s in seqs)
-    tokens = torch.tensor([[compact[pad]] * (width - len(s)) + [compact[t] for t in s] for s in seqs])
-    answers = torch.tensor([compact[a[0]] for a in answers])
+    rows = [[compact[pad]] * (width - len(s)) + [compact[t] for t in s] for s in seqs]
+    tokens = torch.tensor(rows)  # (N, T)
+    answers = torch.tensor([compact[a[0]] for a in answer_ids])  # (N,)
     vocab = [enc.decode([t]) for t in used]
     return tokens, answers, vocab
 
@@ -309,389 +211,872 @@ def word_encoding(words, specials):
                              mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
+
 # --- model ---
 
 
 class Block(nn.Module):
+    """Pre-LN transformer block that also returns the residual between its two sub-layers."""
+
     def __init__(self, d, n_heads):
         super().__init__()
         self.n_heads = n_heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x):
-        """Returns the residual after the attention sub-layer and after the MLP sub-layer, each (B, T, d)."""
+        """x (B, T, d) -> the residual after the attention and after the MLP, each (B, T, d)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (z.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)  # (B, T, d)
-        x_attn = x + self.proj(y)
-        return x_attn, x_attn + self.mlp(self.ln2(x_attn))
+        hs = C // self.n_heads
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # each (B, T, d)
+        q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
+        x_attn = x + self.proj(y)  # (B, T, d)
+        x_mlp = x_attn + self.mlp(self.ln2(x_attn))  # (B, T, d)
+        return x_attn, x_mlp
 
 
 class TinyLM(nn.Module):
-    """Pre-LN decoder with learned positions; reads the next token at the last position only."""
+    """Pre-LN decoder with learned positions; predicts the token after the last position."""
 
     def __init__(self, vocab_size, block_size, d, n_layers, n_heads):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab_size, d), nn.Embedding(block_size, d)
+        self.tok = nn.Embedding(vocab_size, d)
+        self.pos = nn.Embedding(block_size, d)
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
-        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab_size, bias=False)
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size, bias=False)  # the unembedding W_U (V, d)
 
     def hiddens(self, tokens):
-        """Residual at the last position after the embedding and after each sub-layer: (B, 1 + 2L, d)."""
-        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))  # (B, T, d)
+        """The last position's residual after the embedding and after every sub-layer: the
+        P = 1 + 2L points the lenses read. tokens (B, T) -> (B, P, d)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = self.tok(tokens) + self.pos(positions)  # (B, T, d)
         points = [x[:, -1]]
         for block in self.blocks:
             x_attn, x = block(x)
-            points += [x_attn[:, -1], x[:, -1]]
+            points.append(x_attn[:, -1])
+            points.append(x[:, -1])
         return torch.stack(points, 1)  # (B, P, d)
 
-    def readout(self, h):
-        """Final norm then unembedding: logits W_U · LN_f(h) for any (..., d)."""
-        return self.head(self.ln_f(h))
-
     def forward(self, tokens):
-        return self.readout(self.hiddens(tokens)[:, -1])  # (B, V) next-token logits at the last position
+        h = self.hiddens(tokens)[:, -1]  # (B, d): the final residual
+        return self.head(self.ln_f(h))  # (B, V) next-token logits
 
 
 # --- the paper's method ---
 
 
-def logit_lens(model, tokens):
-    """p_l = softmax(W_U · LN_f(h_l)) at the last position for every point l: (P, V), or (B, P, V) for a batch."""
-    single = tokens.dim() == 1
-    h = model.hiddens(tokens[None] if single else tokens)  # (B, P, d)
-    probs = model.readout(h).float().softmax(-1)  # (B, P, V)
-    return probs[0] if single else probs
+def logit_lens(hiddens, final_norm, unembed):
+    """The logit lens: p_l = softmax(W_U · LN_f(h_l)) for every point l.
+
+    hiddens (..., P, d) residuals; final_norm: the model's final norm (a module or function on
+    (..., d)); unembed W_U (V, d). Returns (..., P, V) probabilities. The final norm comes first:
+    the unembedding was trained on normed residuals, so reading h_l raw would mis-scale it.
+    """
+    if unembed.dim() != 2:
+        raise ValueError(f"unembed must be (V, d), got {tuple(unembed.shape)}")
+    if hiddens.dim() < 2 or hiddens.shape[-1] != unembed.shape[1]:
+        d = unembed.shape[1]
+        raise ValueError(f"hiddens must be (..., P, {d}), got {tuple(hiddens.shape)}")
+    logits = final_norm(hiddens) @ unembed.T  # (..., P, V)
+    return logits.float().softmax(-1)  # (..., P, V)
 
 
 def fit_tuned_lens(hiddens, final_hidden, ridge=1e-4):
-    """Least squares per point: W_l = argmin ||[h_l, 1] W_l - h_final||² + ridge N ||W_l||².
-    hiddens (N, P, d), final_hidden (N, d) → W (P, d + 1, d); apply with apply_tuned_lens."""
+    """The tuned lens as least squares, one affine map per point into the final residual:
+    W_l = argmin ||[h_l, 1] W_l - h_final||² + ridge N ||W_l||².
+    hiddens (N, P, d), final_hidden (N, d) -> W (P, d + 1, d); apply with apply_tuned_lens."""
+    if hiddens.dim() != 3:
+        raise ValueError(f"hiddens must be (N, P, d), got {tuple(hiddens.shape)}")
     N, P, d = hiddens.shape
-    X = torch.cat([hiddens, hiddens.new_ones(N, P, 1)], -1).transpose(0, 1).double()  # (P, N, d+1)
+    if final_hidden.shape != (N, d):
+        raise ValueError(f"final_hidden must be ({N}, {d}), got {tuple(final_hidden.shape)}")
+    ones = hiddens.new_ones(N, P, 1)
+    X = torch.cat([hiddens, ones], -1).transpose(0, 1).double()  # (P, N, d+1)
     Y = final_hidden.double()  # (N, d)
-    gram = X.transpose(1, 2) @ X + ridge * N * torch.eye(d + 1, dtype=X.dtype, device=X.device)  # (P, d+1, d+1)
-    return torch.linalg.solve(gram, X.transpose(1, 2) @ Y).to(hiddens.dtype)  # (P, d+1, d)
+    eye = torch.eye(d + 1, dtype=X.dtype, device=X.device)  # (d+1, d+1)
+    gram = X.transpose(1, 2) @ X + ridge * N * eye  # (P, d+1, d+1)
+    W = torch.linalg.solve(gram, X.transpose(1, 2) @ Y)  # (P, d+1, d)
+    return W.to(hiddens.dtype)
 
 
 def apply_tuned_lens(W, hiddens):
-    """A_l h_l + b_l for every point: hiddens (N, P, d), W (P, d+1, d) → (N, P, d)."""
-    return torch.einsum("npd,pde->npe", hiddens, W[:, :-1]) + W[:, -1]
+    """A_l h_l + b_l for every point: W (P, d+1, d), hiddens (N, P, d) -> (N, P, d)."""
+    if hiddens.dim() != 3 or W.shape != (hiddens.shape[1], hiddens.shape[2] + 1, hiddens.shape[2]):
+        raise ValueError(f"W {tuple(W.shape)} does not fit hiddens {tuple(hiddens.shape)}")
+    return torch.einsum("npd,pde->npe", hiddens, W[:, :-1]) + W[:, -1]  # (N, P, d)
+
+
+def token_log_odds(probs, token):
+    """The curve of one token through the points, as log-odds: logit p_l[o] = log p_l[o] -
+    log Σ_{v≠o} p_l[v]. Raw p saturates near 1 (0.998 and 0.99999 look alike to a linear model);
+    log-odds keep them apart. probs (N, P, V), token (N,) -> (N, P)."""
+    if probs.dim() != 3 or token.shape != (probs.shape[0],):
+        raise ValueError(f"probs (N, P, V) and token (N,) expected, got {tuple(probs.shape)}, "
+                         f"{tuple(token.shape)}")
+    index = token[:, None, None].expand(-1, probs.shape[1], 1)  # (N, P, 1)
+    p_token = probs.gather(2, index)[..., 0]  # (N, P)
+    p_rest = probs.scatter(2, index, 0.0).sum(-1)  # (N, P): Σ over the other tokens, no 1 - p
+    return p_token.clamp(min=1e-30).log() - p_rest.clamp(min=1e-30).log()  # (N, P)
+
+
+def entropy(probs):
+    """H_l = -Σ_v p_l[v] log p_l[v]: probs (..., V) -> (...)."""
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
 
 
 def balanced_accuracy(pred, y):
-    """(TPR + TNR) / 2 for boolean predictions and 0/1 labels."""
-    pred, y = pred.bool(), y.bool()
-    return float(((pred & y).sum() / y.sum().clamp(min=1) + (~pred & ~y).sum() / (~y).sum().clamp(min=1)) / 2)
+    """(TPR + TNR) / 2 for boolean predictions (N,) and 0/1 labels (N,)."""
+    if pred.shape != y.shape or y.dim() != 1:
+        raise ValueError(f"pred and y must both be (N,), got {tuple(pred.shape)}, {tuple(y.shape)}")
+    pred = pred.bool()
+    yb = y.bool()
+    tpr = (pred & yb).sum() / yb.sum().clamp(min=1)
+    tnr = (~pred & ~yb).sum() / (~yb).sum().clamp(min=1)
+    return float((tpr + tnr) / 2)
+
+
+def auroc(score, y):
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney).
+    score (N,), y (N,) 0/1 with both classes present -> a float."""
+    if score.shape != y.shape or y.dim() != 1:
+        raise ValueError(f"score and y must be (N,), got {tuple(score.shape)}, {tuple(y.shape)}")
+    pos = score[y.bool()].double()  # (N1,)
+    neg = score[~y.bool()].double()  # (N0,)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("auroc needs both classes")
+    diff = pos[:, None] - neg[None, :]  # (N1, N0)
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+def within_cell_auroc(score, y, cell):
+    """AUROC inside each cell (e.g. a final-probability bin), averaged over the cells that hold
+    both classes; NaN if none does. score (N,), y (N,) 0/1, cell (N,) long."""
+    if not (score.shape == y.shape == cell.shape) or y.dim() != 1:
+        raise ValueError("score, y and cell must all be (N,)")
+    values = []
+    for c in cell.unique():
+        inside = cell == c  # (N,)
+        n_pos = int(y[inside].sum())
+        if 0 < n_pos < int(inside.sum()):
+            values.append(auroc(score[inside], y[inside]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def best_threshold(x, y):
+    """The 1-D rule sign · (x - t) > 0 of best balanced accuracy on (x, y); t runs over the
+    midpoints between sorted values and one point beyond each end. x (N,), y (N,) -> (t, sign)."""
+    if x.shape != y.shape or x.dim() != 1:
+        raise ValueError(f"x and y must both be (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
+    xs = x.double().sort().values  # (N,)
+    cand = torch.cat([xs[:1] - 1, (xs[1:] + xs[:-1]) / 2, xs[-1:] + 1])  # (N+1,)
+    above = x.double()[None, :] > cand[:, None]  # (N+1, N): the rule "x > t -> 1" for every t
+    yb = y.bool()[None]  # (1, N)
+    tpr = (above & yb).sum(1) / yb.sum().clamp(min=1)  # (N+1,)
+    tnr = (~above & ~yb).sum(1) / (~yb).sum().clamp(min=1)  # (N+1,)
+    bal = (tpr + tnr) / 2  # (N+1,)
+    i_up = int(bal.argmax())
+    i_down = int(bal.argmin())  # the rule "x <= t -> 1" scores 1 - bal
+    if bal[i_up] >= 1 - bal[i_down]:
+        return float(cand[i_up]), 1.0
+    return float(cand[i_down]), -1.0
+
+
+@dataclasses.dataclass
+class LinearDetector:
+    """score(x) = ((x - mu) / sd) · w + b; a hallucination is predicted where score > 0."""
+
+    w: torch.Tensor  # (F,) weights on standardized features
+    b: float  # bias
+    mu: torch.Tensor  # (F,) training mean
+    sd: torch.Tensor  # (F,) training standard deviation
+
+    def score(self, X):
+        return ((X.double() - self.mu) / self.sd) @ self.w + self.b  # (N,)
 
 
 def train_linear_classifier(X, y, kind="logreg", l2=1e-3, iters=50):
-    """A linear classifier on standardized features z = (x - mu) / sd, predicting 1 when z · w + b > 0.
+    """A linear detector on standardized features z = (x - mu) / sd.
 
-    X (N, F), y (N,) in {0, 1}; margin m = s (z · w + b), s = 2y - 1; class weights c_y = N / (2 N_y).
-      logreg: L = mean c_y softplus(-m)  + λ/2 ||w||²
-      svm:    L = mean c_y max(0, 1 - m)² + λ/2 ||w||²   (squared hinge, as in sklearn's LinearSVC default)
-    Both are convex; Newton's method on θ = (w, b) solves them in a few steps. The bias is then re-set to the
-    training threshold of best balanced accuracy, the rule the 1-D baselines use.
-    Returns a function X → boolean predictions (its .w, .b, .mu, .sd hold the fit).
+    X (N, F), y (N,) in {0, 1}; margin m = s (z · w + b), s = 2y - 1; class weights
+    c_y = N / (2 N_y) so both classes count equally (hallucinations are the rarer class).
+      logreg: L = mean c_y softplus(-m)   + λ/2 ||w||²
+      svm:    L = mean c_y max(0, 1 - m)² + λ/2 ||w||²   (squared hinge, as sklearn's LinearSVC)
+    Both are convex; Newton's method on θ = (w, b) solves them in a few steps. The bias is then
+    re-set to the training threshold of best balanced accuracy, the rule the 1-D baselines use.
+    Returns a LinearDetector.
     """
     require(kind in ("logreg", "svm"), f"classifier kind {kind}: choose logreg or svm")
-    X, y = X.double(), y.double()
+    if X.dim() != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"X must be (N, F) and y (N,), got {tuple(X.shape)}, {tuple(y.shape)}")
+    X = X.double()
+    y = y.double()
     N, n_feat = X.shape
-    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
+    mu = X.mean(0)  # (F,)
+    sd = X.std(0).clamp(min=1e-6)  # (F,)
     A = torch.cat([(X - mu) / sd, X.new_ones(N, 1)], 1)  # (N, F+1): features and a bias column
     s = 2 * y - 1  # (N,)
-    c = torch.where(y > 0, N / (2 * y.sum().clamp(min=1)), N / (2 * (1 - y).sum().clamp(min=1)))  # (N,)
-    reg = torch.cat([torch.full((n_feat,), l2, dtype=X.dtype), torch.zeros(1, dtype=X.dtype)])  # no penalty on b
-    theta = X.new_zeros(n_feat + 1)
+    c = torch.where(y > 0, N / (2 * y.sum().clamp(min=1)), N / (2 * (1 - y).sum().clamp(min=1)))
+    reg = torch.cat([X.new_full((n_feat,), l2), X.new_zeros(1)])  # (F+1,): no penalty on b
+    theta = X.new_zeros(n_feat + 1)  # (F+1,)
     for _ in range(iters):
         m = s * (A @ theta)  # (N,)
         if kind == "logreg":
             # ∇L = -mean c s σ(-m) a + λ w ;  ∇²L = mean c σ(m) σ(-m) a aᵀ + λ I
-            grad = -(A.T @ (c * s * torch.sigmoid(-m))) / N + reg * theta
-            curv = c * torch.sigmoid(m) * torch.sigmoid(-m)
+            grad = -(A.T @ (c * s * torch.sigmoid(-m))) / N + reg * theta  # (F+1,)
+            curv = c * torch.sigmoid(m) * torch.sigmoid(-m)  # (N,)
         else:
-            # ∇L = -2 mean c s (1 - m)₊ a + λ w ;  ∇²L = 2 mean c [m < 1] a aᵀ + λ I (generalized Hessian)
-            grad = -2 * (A.T @ (c * s * (1 - m).clamp(min=0))) / N + reg * theta
-            curv = 2 * c * (m < 1)
+            # ∇L = -2 mean c s (1 - m)₊ a + λ w ;  ∇²L = 2 mean c [m < 1] a aᵀ + λ I
+            grad = -2 * (A.T @ (c * s * (1 - m).clamp(min=0))) / N + reg * theta  # (F+1,)
+            curv = 2 * c * (m < 1)  # (N,): the generalized Hessian of the squared hinge
         hess = (A.T * curv) @ A / N + torch.diag(reg + 1e-9)  # (F+1, F+1)
-        step = torch.linalg.solve(hess, grad)
+        step = torch.linalg.solve(hess, grad)  # (F+1,)
         theta = theta - step
         if step.abs().max() < 1e-9:
             break
     t, sign = best_threshold(A[:, :-1] @ theta[:-1], y)
-    w, b = (sign * theta[:-1]).float(), float(-sign * t)
-
-    def predict(Xn):
-        return ((Xn.float() - mu.float()) / sd.float()) @ w + b > 0
-
-    predict.w, predict.b, predict.mu, predict.sd = w, b, mu, sd
-    return predict
+    return LinearDetector(w=sign * theta[:-1], b=-sign * t, mu=mu, sd=sd)
 
 
-def best_threshold(x, y):
-    """The 1-D rule sign · (x - t) > 0 that maximizes balanced accuracy on (x, y); t runs over the midpoints
-    between sorted values (and one point beyond each end). Returns (t, sign)."""
-    xs = x.float().sort().values
-    cand = torch.cat([xs[:1] - 1, (xs[1:] + xs[:-1]) / 2, xs[-1:] + 1])  # (N+1,)
-    above = x[None, :] > cand[:, None]  # (N+1, N): the rule "x > t → 1" for every candidate t
-    yb = y.bool()[None]
-    bal = ((above & yb).sum(1) / y.sum().clamp(min=1) + (~above & ~yb).sum(1) / (1 - y).sum().clamp(min=1)) / 2
-    i_up, i_down = int(bal.argmax()), int(bal.argmin())  # the rule "x <= t → 1" scores 1 - bal
-    return (cand[i_up], 1.0) if bal[i_up] >= 1 - bal[i_down] else (cand[i_down], -1.0)
+def grouped_folds(groups, n_folds, gen):
+    """Cross-validation folds by group: every group (subject) lands in one fold, so no subject
+    is on both sides of a split. groups: a list of N labels -> (N,) long fold index."""
+    unique = sorted(set(groups))
+    order = torch.randperm(len(unique), generator=gen).tolist()
+    fold_of = {unique[i]: rank % n_folds for rank, i in enumerate(order)}
+    return torch.tensor([fold_of[g] for g in groups])
 
 
-def group_split(groups, test_frac, gen):
-    """Boolean test mask that puts every group (subject) entirely on one side."""
-    uniq = sorted(set(groups))
-    test_groups = {uniq[i] for i in torch.randperm(len(uniq), generator=gen)[: max(1, round(test_frac * len(uniq)))]}
-    return torch.tensor([g in test_groups for g in groups])
+def cross_validate(X, y, folds, kind):
+    """Out-of-fold scores and predictions: for each fold, fit on the others, score this one.
+
+    kind "threshold": the best 1-D rule on X (N, 1) (a baseline); "logreg" / "svm": a linear
+    detector on X (N, F). Returns score (N,) double (higher: more likely a hallucination) and
+    pred (N,) bool (score > 0)."""
+    if X.dim() != 2 or y.shape != (X.shape[0],) or folds.shape != y.shape:
+        raise ValueError(f"X (N, F), y (N,), folds (N,) expected, got {tuple(X.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(folds.shape)}")
+    score = torch.zeros(len(y), dtype=torch.float64)  # (N,)
+    for k in folds.unique():
+        test = folds == k  # (N,)
+        train = ~test
+        if kind == "threshold":
+            if X.shape[1] != 1:
+                raise ValueError(f"a threshold needs one feature, got {X.shape[1]}")
+            t, sign = best_threshold(X[train, 0], y[train])
+            score[test] = sign * (X[test, 0].double() - t)
+        else:
+            detector = train_linear_classifier(X[train], y[train], kind)
+            score[test] = detector.score(X[test])
+    return score, score > 0
 
 
-def random_split(n, test_frac, gen):
-    return torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.randperm(n, generator=gen)[: max(1, round(test_frac * n))], True)
+# --- training ---
 
 
-# --- training and evaluation ---
-
-
-def train(model, tokens, answers, train_idx, cfg, device, on_log):
-    """AdamW on cross-entropy of the answer token only (the next token after the prompt)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    warm = max(1, cfg.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, seen = time.time(), 0
+def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
+    """AdamW on the cross-entropy of the answer token only (the token after the prompt)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
+    warmup = max(1, cfg.steps // 20)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    seen = 0
     for step in range(1, cfg.steps + 1):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
-        x, y = tokens[idx].to(device), answers[idx].to(device)  # (B, T), (B,)
+        lr = cosine_lr(step - 1, cfg.steps, cfg.lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)  # (B,)
+        idx = train_idx[pick]  # (B,)
+        x = tokens[idx].to(device)  # (B, T)
+        y = answers[idx].to(device)  # (B,)
         with autocast(device):
-            logits = model(x)  # (B, V) at the last position
-        # L = -mean log p(answer | prompt): the answer token is the only supervised position
+            logits = model(x)  # (B, V)
+        # L = -mean_b log p(answer_b | prompt_b): the answer is the only supervised token
         loss = F.cross_entropy(logits.float(), y)
         check_finite(step, loss=loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         seen += x.numel()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = on_log(step)
-            log_progress(step, cfg.steps, start, loss=loss.item(), **metrics,
-                         tok_per_s=seen / max(time.time() - start, 1e-9))
-    return time.time() - start
+            metrics = on_log()
+            tok_per_s = seen / max(time.time() - start, 1e-9)
+            log_progress(step, cfg.steps, start, loss=loss.item(), lr=lr, **metrics,
+                         tok_per_s=tok_per_s)
+
+
+# --- evaluation ---
+
+PROB_BINS = [0.5, 0.9, 0.99]  # final-probability bin edges: [0, .5), [.5, .9), [.9, .99), [.99, 1]
+HEADLINE = "curve_logit_logreg"  # the curve detector chosen before looking at any result
+DETECTORS = {  # arm -> (feature set, classifier); "threshold" is the best 1-D rule
+    "curve_logit_logreg": ("logit", "logreg"),
+    "curve_logit_svm": ("logit", "svm"),
+    "curve_tuned_logreg": ("tuned", "logreg"),
+    "curve_tuned_svm": ("tuned", "svm"),
+    "curve_both_logreg": ("both", "logreg"),
+    "curve_both_svm": ("both", "svm"),
+    "final_prob": ("final_prob", "threshold"),
+    "entropy": ("entropy", "threshold"),
+    "template_only": ("template", "logreg"),
+    "template_final_prob": ("template_final_prob", "logreg"),
+    "template_curve": ("template_curve", "logreg"),
+}
+
+
+class Readout(NamedTuple):
+    """One lens read at every point (P) for every prompt (N)."""
+
+    out: torch.Tensor  # (N,) the output token o: the logit lens's argmax at the last point
+    log_odds_out: torch.Tensor  # (N, P) logit p_l[o]
+    log_odds_gold: torch.Tensor  # (N, P) logit p_l[gold]
+    entropy: torch.Tensor  # (N, P) H_l
+    top1_out: torch.Tensor  # (N, P) bool: o is the top token at point l
+    top1_gold: torch.Tensor  # (N, P) bool: gold is the top token at point l
 
 
 @torch.no_grad()
 def all_hiddens(model, tokens, device, batch=2048):
-    """Last-position residuals at every point for every prompt: (N, P, d) on the CPU."""
+    """The last position's residual at every point for every prompt: (N, P, d) on the CPU."""
     model.eval()
-    out = []
+    chunks = []
     for i in range(0, len(tokens), batch):
         with autocast(device):
-            out.append(model.hiddens(tokens[i:i + batch].to(device)).float().cpu())
+            chunks.append(model.hiddens(tokens[i:i + batch].to(device)).float().cpu())
     model.train()
-    return torch.cat(out)
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
-def read_curves(model, H, answers, device, out_token=None, batch=2048):
-    """Lens readouts of hiddens H (N, P, d): the output token o = argmax at the last point, p_l[o], p_l[gold],
-    entropy per point, and whether gold / o is the top-1 token at each point. All (N, P) except out (N,)."""
-    keys = ("out", "p_out", "p_gold", "entropy", "top1_gold", "top1_out")
-    res = {k: [] for k in keys}
+def read_lens(H, final_norm, unembed, answers, out=None, batch=2048):
+    """Read hiddens H (N, P, d) through final_norm and unembed (V, d): the output token's and
+    the gold token's curves, entropy and top-1 flags. out (N,): the output token to follow;
+    None: this readout's own argmax at the last point."""
+    parts = []
     for i in range(0, len(H), batch):
-        probs = model.readout(H[i:i + batch].to(device)).float().softmax(-1)  # (b, P, V)
-        o = probs[:, -1].argmax(-1) if out_token is None else out_token[i:i + batch].to(device)  # (b,)
-        g, top = answers[i:i + batch].to(device), probs.argmax(-1)  # (b,), (b, P)
-        pick = lambda t: probs.gather(2, t[:, None, None].expand(-1, probs.shape[1], 1))[..., 0]  # (b, P)
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # H_l = -Σ_v p_l[v] log p_l[v]
-        for k, v in zip(keys, (o, pick(o), pick(g), entropy, top == g[:, None], top == o[:, None])):
-            res[k].append(v)
-    return {k: torch.cat(v).cpu() for k, v in res.items()}
+        h = H[i:i + batch].to(unembed.device)  # (b, P, d)
+        probs = logit_lens(h, final_norm, unembed).cpu()  # (b, P, V)
+        o = probs[:, -1].argmax(-1) if out is None else out[i:i + batch]  # (b,)
+        gold = answers[i:i + batch]  # (b,)
+        top = probs.argmax(-1)  # (b, P)
+        parts.append(Readout(out=o, log_odds_out=token_log_odds(probs, o),
+                             log_odds_gold=token_log_odds(probs, gold), entropy=entropy(probs),
+                             top1_out=top == o[:, None], top1_gold=top == gold[:, None]))
+    return Readout(*[torch.cat(field) for field in zip(*parts)])
 
 
-def fact_table(fact_id, template, correct, n_facts):
-    """(n_facts, n_templates) booleans of right answers, from the prompts that have a fact (fact_id >= 0)."""
-    table, m = torch.zeros(n_facts, len(TEMPLATES), dtype=torch.bool), fact_id >= 0
-    table[fact_id[m], template[m]] = correct[m]
+def tuned_lens_hiddens(H, fit_rows):
+    """Fit the tuned lens on the prompts fit_rows (N,) bool, toward the final residual (the last
+    point), and map every point of every prompt into the final residual's space: (N, P, d)."""
+    W = fit_tuned_lens(H[fit_rows], H[fit_rows, -1])  # (P, d+1, d)
+    return apply_tuned_lens(W, H)
+
+
+def fact_table(fact_id, template, correct, n_facts, n_templates):
+    """(n_facts, n_templates) booleans: is the fact answered right through that template?"""
+    table = torch.zeros(n_facts, n_templates, dtype=torch.bool)
+    has_fact = fact_id >= 0
+    table[fact_id[has_fact], template[has_fact]] = correct[has_fact]
     return table
 
 
 def knowledge_stats(table):
-    known, all_right = table.any(1), table.all(1)
-    return {"mixed_share": float((known & ~all_right).float().mean()), "all_right_share": float(all_right.float().mean()),
+    """Shares of facts right through every template, through some (mixed: known-fact
+    hallucinations are possible) and through none."""
+    known = table.any(1)
+    all_right = table.all(1)
+    return {"mixed_share": float((known & ~all_right).float().mean()),
+            "all_right_share": float(all_right.float().mean()),
             "all_wrong_share": float((~known).float().mean())}
 
 
-def detector_table(feats, y, groups, cfg):
-    """Balanced accuracy of the curve classifiers and the two 1-D baselines, random and grouped splits."""
-    acc = {f"curve_{sp}": {name: {"logreg": [], "svm": []} for name in feats if name not in ("final_prob", "final_entropy")}
-           for sp in ("random", "grouped")}
-    base = {"final_prob_baseline": {"random": [], "grouped": []}, "entropy_baseline": {"random": [], "grouped": []}}
-    for split in range(cfg.n_splits):
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + split)
-        masks = {"random": random_split(len(y), cfg.test_frac, gen), "grouped": group_split(groups, cfg.test_frac, gen)}
-        for sp, test in masks.items():
-            tr = ~test
-            for name, X in feats.items():
-                if name in ("final_prob", "final_entropy"):
-                    t, sign = best_threshold(X[tr], y[tr])
-                    key = "final_prob_baseline" if name == "final_prob" else "entropy_baseline"
-                    base[key][sp].append(balanced_accuracy(sign * (X[test] - t) > 0, y[test]))
-                    continue
-                for kind in ("logreg", "svm"):
-                    clf = train_linear_classifier(X[tr], y[tr], kind)
-                    acc[f"curve_{sp}"][name][kind].append(balanced_accuracy(clf(X[test]), y[test]))
-    mean = lambda v: round(float(np.mean(v)), 4)
-    table = {k: {n: {kd: mean(v) for kd, v in d.items()} for n, d in t.items()} for k, t in acc.items()}
-    table.update({k: {sp: mean(v) for sp, v in d.items()} for k, d in base.items()})
-    return table
+def case_summary(log_odds, tuned_log_odds, top1):
+    """Mean probability curves (logit and tuned lens) of one case and the share of its prompts
+    whose token is top-1 at some intermediate point (the last point is the output itself)."""
+    if len(log_odds) == 0:
+        return {"n": 0, "logit_curve": None, "tuned_curve": None, "top1_rate": None}
+    return {"n": len(log_odds),
+            "logit_curve": [round(float(v), 4) for v in log_odds.sigmoid().mean(0)],
+            "tuned_curve": [round(float(v), 4) for v in tuned_log_odds.sigmoid().mean(0)],
+            "top1_rate": round(float(top1[:, :-1].any(1).float().mean()), 4)}
 
 
-def plot_curves(arms, points, path):
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return log("--plot: matplotlib is not installed; skipping the plot")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, key, title in zip(axes, ("mean_curve", "tuned_mean_curve"), ("logit lens", "tuned lens")):
-        for case, arm in arms.items():
-            ax.plot(range(len(points)), arm[key], marker="o", label=case)
-        ax.set(xticks=range(len(points)), xticklabels=points, title=title, ylabel="probability of the token")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    log(f"plot: {path}")
+def case_curves(logit, tuned, correct, mask):
+    """The paper's three cases among the prompts in mask (N,) bool: success = the gold token on
+    right prompts, fail = the gold token on wrong prompts, hallucination = the output token on
+    wrong prompts (what the model says instead)."""
+    right = mask & correct
+    wrong = mask & ~correct
+    return {
+        "success": case_summary(logit.log_odds_gold[right], tuned.log_odds_gold[right],
+                                logit.top1_gold[right]),
+        "fail": case_summary(logit.log_odds_gold[wrong], tuned.log_odds_gold[wrong],
+                             logit.top1_gold[wrong]),
+        "hallucination": case_summary(logit.log_odds_out[wrong], tuned.log_odds_out[wrong],
+                                      logit.top1_out[wrong]),
+    }
 
 
-def case_curves(H, lens, tuned, answers, correct, in_mixed, unembed):
-    """The paper's three cases on the prompts of mixed facts: success = p_l[gold] on right prompts, fail =
-    p_l[gold] on wrong prompts, hallucination = p_l[o] on wrong prompts. Mean curves (logit and tuned lens),
-    the share whose token is top-1 at some intermediate point, and what each sub-layer writes along W_U[token]."""
-    arms, top1 = {}, {}
-    for case, mask, gold in (("success", in_mixed & correct, True), ("fail", in_mixed & ~correct, True),
-                             ("hallucination", in_mixed & ~correct, False)):
-        key, tok = ("p_gold", answers[mask]) if gold else ("p_out", lens["out"][mask])
-        push = torch.einsum("npd,nd->np", H[mask, 1:] - H[mask, :-1], unembed[tok])  # (n, P-1): Δh_l · W_U[token]
-        mean = lambda x: [round(float(v), 4) for v in x.mean(0)] if mask.any() else [None] * x.shape[1]
-        arms[case] = {"n": int(mask.sum()), "mean_curve": mean(lens[key][mask]),
-                      "tuned_mean_curve": mean(tuned[key][mask]), "sublayer_push": mean(push)}
-        hit = lens["top1_gold" if gold else "top1_out"][mask][:, :-1].any(1)  # intermediate points only
-        top1[case] = round(float(hit.float().mean()), 4) if mask.any() else None
-    return arms, top1
+def detector_features(logit, tuned, template, n_templates):
+    """What a deployed detector may see, never the gold answer: the output token's log-odds
+    curve through the logit and the tuned lens, the final probability and entropy, and (for the
+    controls) which template the prompt came from. Returns feature set -> (N, F)."""
+    one_hot = F.one_hot(template, n_templates).double()  # (N, n_templates)
+    final = logit.log_odds_out[:, -1:]  # (N, 1): logit of the final probability
+    tuned_curve = tuned.log_odds_out[:, :-1]  # (N, P-1): the last tuned point is the logit one
+    return {"logit": logit.log_odds_out,  # (N, P)
+            "tuned": tuned_curve,  # (N, P-1)
+            "both": torch.cat([logit.log_odds_out, tuned_curve], 1),  # (N, 2P-1)
+            "final_prob": final,  # (N, 1)
+            "entropy": logit.entropy[:, -1:],  # (N, 1)
+            "template": one_hot,  # (N, n_templates)
+            "template_final_prob": torch.cat([one_hot, final.double()], 1),  # (N, n_templates+1)
+            "template_curve": torch.cat([one_hot, logit.log_odds_out.double()], 1)}
 
 
-def report(res):
-    k, cl, arms = res["knowledge"], res["classifier"], res["arms"]
-    log(f"\nfacts: {k['mixed_share']:.1%} mixed (right through some templates, wrong through others), "
-        f"{k['all_right_share']:.1%} right through all, {k['all_wrong_share']:.1%} wrong through all")
-    for tpl, v in k["by_template"].items():
-        log(f"  {tpl:<34} accuracy: trained pairs {v['acc_trained']}, held-out pairs {v['acc_heldout']}")
-    log(f"\nmean probability curves on mixed facts (logit lens | tuned lens), n = "
-        + ", ".join(f"{c} {a['n']}" for c, a in arms.items()))
-    log(f"{'point':<7}" + "".join(f"{c:>14}" for c in arms) + " |" + "".join(f"{c:>14}" for c in arms))
-    fmt = lambda v: f"{v:>14.3f}" if v is not None else f"{'-':>14}"
-    for i, name in enumerate(res["points"]):
-        log(f"{name:<7}" + "".join(fmt(a["mean_curve"][i]) for a in arms.values()) + " |"
-            + "".join(fmt(a["tuned_mean_curve"][i]) for a in arms.values()))
-    log("top-1 at some intermediate point: " + ", ".join(f"{c} {v}" for c, v in res["top1_rates"].items()))
-    if "skipped" in cl:
-        return log(f"\ndetector: {cl['skipped']}")
-    log(f"\ndetector: balanced accuracy, mean of {res['config']['n_splits']} splits ({cl['n_samples']} prompts, "
-        f"{cl['n_hallucination']} hallucinated)\n{'features':<22}{'random':>10}{'grouped':>10}")
-    for name in ("logit", "tuned", "both"):
-        for kind in ("logreg", "svm"):
-            log(f"{name + ' curve, ' + kind:<22}{cl['curve_random'][name][kind]:>10.3f}"
-                f"{cl['curve_grouped'][name][kind]:>10.3f}")
-    for key, label in (("final_prob_baseline", "final prob threshold"), ("entropy_baseline", "final entropy thr.")):
-        log(f"{label:<22}{cl[key]['random']:>10.3f}{cl[key]['grouped']:>10.3f}")
+def evaluate_detectors(features, y, folds, final_prob, template):
+    """Every detector arm on one subject-grouped cross-validation: balanced accuracy of the
+    pooled out-of-fold predictions; the headline curve detector's and the final probability's
+    AUROC inside final-probability bins, and inside bin x template cells."""
+    result = {}
+    scores = {}
+    for name, (feature, kind) in DETECTORS.items():
+        scores[name], pred = cross_validate(features[feature], y, folds, kind)
+        result[name] = round(balanced_accuracy(pred, y), 4)
+    curves = [result[name] for name in DETECTORS if name.startswith("curve_")]
+    result["curve"] = result[HEADLINE]
+    result["curve_best"] = max(curves)
+    result["curve_minus_best_baseline"] = round(
+        result["curve"] - max(result["final_prob"], result["entropy"]), 4)
+    result["template_curve_gain"] = round(
+        result["template_curve"] - result["template_final_prob"], 4)
+    bins = torch.bucketize(final_prob, torch.tensor(PROB_BINS), right=True)  # (N,)
+    cells = bins * (int(template.max()) + 1) + template  # (N,): bin x template
+    low_prob = -final_prob.double()  # (N,): a hallucination scores higher where p is lower
+    result["within_bin_auroc"] = {"curve": within_cell_auroc(scores[HEADLINE], y, bins),
+                                  "final_prob": within_cell_auroc(low_prob, y, bins)}
+    result["within_bin_template_auroc"] = {
+        "curve": within_cell_auroc(scores[HEADLINE], y, cells),
+        "final_prob": within_cell_auroc(low_prob, y, cells)}
+    wrong = y.bool()
+    result["confident_hallucination_share"] = float((final_prob[wrong] >= 0.5).float().mean())
+    result["n_samples"] = len(y)
+    result["n_hallucinations"] = int(y.sum())
+    return result
+
+
+def seed_stat(values, reduce):
+    """Reduce per-seed numbers (or dicts of them, key by key) with reduce, skipping None and
+    NaN; None where no seed has a value."""
+    if isinstance(values[0], dict):
+        return {k: seed_stat([v[k] for v in values], reduce) for k in values[0]}
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return round(float(reduce(kept)), 4) if kept else None
+
+
+def curve_adds_information(per_seed):
+    """The rule fixed before the run: the curve adds information only if template + curve beats
+    template + final probability by >= 0.02 in every seed, and inside bin x template cells the
+    curve's mean AUROC is >= 0.55 and above the final probability's."""
+    gains = [s["template_curve_gain"] for s in per_seed]
+    cell = seed_stat([s["within_bin_template_auroc"] for s in per_seed], np.mean)
+    if cell["curve"] is None or cell["final_prob"] is None:
+        return False
+    return min(gains) >= 0.02 and cell["curve"] >= 0.55 and cell["curve"] > cell["final_prob"]
+
+
+def run_seed(cfg, seed, facts, device):
+    """One seed: prompts, a model trained on its trained prompts, both lenses, the three cases
+    and every detector in both settings (unseen prompts; all prompts of mixed facts)."""
+    set_seed(seed)
+    rng = np.random.default_rng(seed)
+    if facts is None:
+        facts = make_kb(cfg.n_subjects, cfg.n_relations, cfg.n_objects, cfg.zipf, rng)
+    prompts = build_prompts(facts, cfg.template_train, rng)
+    tokens, answers, vocab = tokenize(prompts)
+    fact_id = torch.tensor([p["fact"] for p in prompts])  # (N,)
+    template = torch.tensor([p["template"] for p in prompts])  # (N,)
+    is_train = torch.tensor([p["train"] for p in prompts])  # (N,)
+    is_fact = fact_id >= 0  # (N,)
+    model = TinyLM(len(vocab), tokens.shape[1], cfg.d_model, cfg.n_layers, cfg.n_heads).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"seed {seed}: {len(facts)} facts, {len(prompts)} prompts ({int(is_train.sum())} "
+        f"trained), vocab {len(vocab)}, prompt length {tokens.shape[1]}, "
+        f"{n_params / 1e6:.2f}M parameters")
+    history = []
+
+    def on_log():  # the share of mixed facts along training, to show where it settles
+        H_last = all_hiddens(model, tokens, device)[:, -1:]  # (N, 1, d)
+        unembed = model.head.weight.detach()
+        right = read_lens(H_last, model.ln_f, unembed, answers).out == answers
+        stats = knowledge_stats(fact_table(fact_id, template, right, len(facts), len(TEMPLATES)))
+        acc_train = float(right[is_train & is_fact].float().mean())
+        history.append({"mixed_share": round(stats["mixed_share"], 4),
+                        "acc_train": round(acc_train, 4)})
+        return history[-1]
+
+    train(model, tokens, answers, is_train.nonzero()[:, 0], cfg, seed, device, on_log)
+
+    # both lenses at the end of training; the tuned lens is fitted on the trained fact prompts
+    H = all_hiddens(model, tokens, device)  # (N, P, d)
+    unembed = model.head.weight.detach()  # (V, d)
+    logit = read_lens(H, model.ln_f, unembed, answers)
+    tuned = read_lens(tuned_lens_hiddens(H, is_train & is_fact), model.ln_f, unembed, answers,
+                      out=logit.out)
+    correct = logit.out == answers  # (N,)
+    table = fact_table(fact_id, template, correct, len(facts), len(TEMPLATES))
+    row = fact_id.clamp(min=0)  # (N,): the prompt's fact (links read fact 0 and are masked out)
+    known = is_fact & table.any(1)[row]  # (N,)
+    mixed = known & ~table.all(1)[row]  # (N,)
+    settings = {"unseen_prompts": known & ~is_train, "all_prompts": mixed}
+
+    # the detectors: 1 = hallucination; folds by subject, so no subject is on both sides
+    y = (~correct).long()  # (N,)
+    features = detector_features(logit, tuned, template.clamp(min=0), len(TEMPLATES))
+    final_prob = logit.log_odds_out[:, -1].sigmoid()  # (N,)
+    folds = grouped_folds([p["subject"] for p in prompts], cfg.n_folds,
+                          torch.Generator().manual_seed(seed))
+    detector = {}
+    cases = {}
+    for name, mask in settings.items():
+        cases[name] = case_curves(logit, tuned, correct, mask)
+        n_wrong = int(y[mask].sum())
+        if min(n_wrong, int(mask.sum()) - n_wrong) < cfg.n_folds:
+            detector[name] = None
+            log(f"seed {seed}, {name}: fewer than {cfg.n_folds} prompts of a class; no detector")
+            continue
+        subset = {k: v[mask] for k, v in features.items()}
+        detector[name] = evaluate_detectors(subset, y[mask], folds[mask], final_prob[mask],
+                                            template[mask])
+
+    def accuracy(rows):
+        return round(float(correct[rows].float().mean()), 4) if rows.any() else None
+
+    by_template = {}
+    for t, text in enumerate(TEMPLATES):
+        rows = is_fact & (template == t)
+        by_template[text] = {"trained": accuracy(rows & is_train),
+                             "held_out": accuracy(rows & ~is_train)}
+    knowledge = {**{k: round(v, 4) for k, v in knowledge_stats(table).items()},
+                 "by_template": by_template, "link_accuracy": accuracy(~is_fact),
+                 "during_training": history}
+    return {"seed": seed, "n_params": n_params, "knowledge": knowledge, "cases": cases,
+            "detector": detector}
+
+
+def summarize(per_seed):
+    """Means over seeds (the std and the worst seed beside them) of the detector numbers and of
+    the case curves, and the verdict on the curve."""
+    detector = {}
+    for name in ("unseen_prompts", "all_prompts"):
+        runs = [s["detector"][name] for s in per_seed if s["detector"][name] is not None]
+        if not runs:
+            detector[name] = None
+            continue
+        detector[name] = {**seed_stat(runs, np.mean), "std": seed_stat(runs, np.std),
+                          "worst": seed_stat(runs, np.min), "per_seed": runs}
+    cases = {}
+    for name in ("unseen_prompts", "all_prompts"):
+        cases[name] = {}
+        for case in ("success", "fail", "hallucination"):
+            runs = [s["cases"][name][case] for s in per_seed if s["cases"][name][case]["n"]]
+            curves = {k: np.mean([r[k] for r in runs], 0).round(4).tolist() if runs else None
+                      for k in ("logit_curve", "tuned_curve")}
+            top1 = seed_stat([r["top1_rate"] for r in runs], np.mean) if runs else None
+            n = sum(r["n"] for r in runs)
+            cases[name][case] = {"n": n, **curves, "top1_rate": top1}
+    unseen = detector["unseen_prompts"]
+    verdict = unseen is not None and curve_adds_information(unseen["per_seed"])
+    arms = {}
+    for arm in DETECTORS:
+        arms[arm] = {}
+        for name, d in detector.items():
+            if d is not None:
+                arms[arm][name] = {"mean": d[arm], "std": d["std"][arm], "worst": d["worst"][arm]}
+    return detector, cases, arms, verdict
+
+
+def print_table(results):
+    points = results["points"]
+    for s in results["per_seed_knowledge"]:
+        by_template = " | ".join(f"t{t} {v['trained']}/{v['held_out']}"
+                                 for t, v in enumerate(s["by_template"].values()))
+        log(f"seed {s['seed']}: facts mixed {s['mixed_share']:.3f}, all right "
+            f"{s['all_right_share']:.3f}, all wrong {s['all_wrong_share']:.3f}; accuracy "
+            f"trained/held-out by template: {by_template}")
+    for name, cases in results["cases"].items():
+        log(f"\n{name}: mean probability of the token, logit lens | tuned lens (mean of seeds)")
+        log(f"{'case':<15}{'n':>6}{'top1':>6} " + "".join(f"{p:>7}" for p in points))
+        for case, c in cases.items():
+            if c["logit_curve"] is None:
+                continue
+            row = "".join(f"{v:>7.3f}" for v in c["logit_curve"])
+            log(f"{case:<15}{c['n']:>6}{c['top1_rate']:>6.2f} {row}")
+            row = "".join(f"{v:>7.3f}" for v in c["tuned_curve"])
+            log(f"{'  tuned':<27} {row}")
+    log("\ndetector: balanced accuracy, subject-grouped "
+        f"{results['config']['n_folds']}-fold, mean ± std (worst seed), "
+        f"{len(results['seeds'])} seeds")
+    log(f"{'arm':<22}{'unseen prompts':>24}{'all prompts':>24}")
+    for arm, by_setting in results["arms"].items():
+        cells = []
+        for name in ("unseen_prompts", "all_prompts"):
+            a = by_setting.get(name)
+            cells.append(f"{a['mean']:.3f} ± {a['std']:.3f} ({a['worst']:.3f})" if a else "-")
+        log(f"{arm:<22}{cells[0]:>24}{cells[1]:>24}")
+    for name, d in results["detector"].items():
+        if d is None:
+            continue
+        log(f"{name}: n {d['n_samples']:.0f} ({d['n_hallucinations']:.0f} hallucinated), "
+            f"confident hallucinations (p >= 0.5) {d['confident_hallucination_share']:.3f}; "
+            f"AUROC in p-bins: curve {d['within_bin_auroc']['curve']}, final p "
+            f"{d['within_bin_auroc']['final_prob']}; in p-bin x template cells: curve "
+            f"{d['within_bin_template_auroc']['curve']}, final p "
+            f"{d['within_bin_template_auroc']['final_prob']}")
+    log(f"curve adds information beyond template and final probability: "
+        f"{results['curve_adds_information']}")
+
+
+def plot(results, path):
+    """The paper's picture: mean curves of success / fail / hallucination through the logit and
+    the tuned lens (unseen prompts, mean of seeds), and the detectors' balanced accuracy."""
+    fig, axes = new_figure(3, width=4.4, height=3.4)
+    points = results["points"]
+    colors = {"success": "tab:green", "fail": "tab:gray", "hallucination": "tab:red"}
+    cases = results["cases"]["unseen_prompts"]
+    for ax, key, title in zip(axes, ("logit_curve", "tuned_curve"), ("logit lens", "tuned lens")):
+        for case, c in cases.items():
+            if c[key] is not None:
+                ax.plot(range(len(points)), c[key], marker="o", color=colors[case],
+                        label=f"{case} (n {c['n']})")
+        ax.set_xticks(range(len(points)))
+        ax.set_xticklabels(points, rotation=60, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}, unseen prompts")
+        ax.set_ylabel("probability of the token")
+    axes[0].legend(fontsize=7)
+    names = list(results["arms"])
+    for offset, setting in ((-0.2, "unseen_prompts"), (0.2, "all_prompts")):
+        stats = [results["arms"][n].get(setting) for n in names]
+        means = [s["mean"] if s else 0.0 for s in stats]
+        stds = [s["std"] if s else 0.0 for s in stats]
+        ys = [i + offset for i in range(len(names))]
+        axes[2].barh(ys, means, height=0.4, xerr=stds, label=setting.replace("_", " "))
+    axes[2].set_yticks(range(len(names)))
+    axes[2].set_yticklabels(names, fontsize=7)
+    axes[2].invert_yaxis()
+    axes[2].axvline(0.5, color="k", lw=0.8, ls=":")
+    axes[2].set_xlim(0.4, 1.0)
+    axes[2].set_xlabel("balanced accuracy (grouped CV)")
+    axes[2].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# --- main ---
 
 
 def run(cfg):
     if cfg.smoke:
-        cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 30), n_subjects=min(cfg.n_subjects, 24),
-                                  n_relations=min(cfg.n_relations, 2), n_layers=2, d_model=32, n_heads=2,
-                                  batch_size=64, n_splits=1, log_every=15)
-    set_seed(cfg.seed)
+        cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 150), n_seeds=min(cfg.n_seeds, 2),
+                                  n_subjects=min(cfg.n_subjects, 24),
+                                  n_relations=min(cfg.n_relations, 2), n_layers=2, d_model=32,
+                                  n_heads=2, batch_size=64, n_folds=2, log_every=75)
     device = pick_device(cfg.device)
-    t0, c0 = time.time(), time.process_time()
+    wall_start = time.time()
+    cpu_start = time.process_time()
     log(f"config: {dataclasses.asdict(cfg)}")
-    rng = np.random.default_rng(cfg.seed)
+    facts = None
     if cfg.data:
         rows = load_user_data(cfg.data, ["subject", "relation", "object"])
-        facts = [{k: str(r[k]).strip().replace(" ", "_") for k in ("subject", "relation", "object")} for r in rows]
-    else:
-        facts = make_kb(cfg.n_subjects, cfg.n_relations, cfg.n_objects, cfg.zipf, rng)
-    prompts = build_prompts(facts, cfg.template_train, rng)
-    tokens, answers, vocab = tokenize(prompts)
-    fact_id, template, is_train = (torch.tensor([p[k] for p in prompts]) for k in ("fact", "template", "train"))
-    is_fact = fact_id >= 0
-    log(f"knowledge base: {len(facts)} facts, {len(prompts)} prompts ({int(is_train.sum())} trained), "
-        f"vocab {len(vocab)}, prompt length {tokens.shape[1]}")
-    model = TinyLM(len(vocab), tokens.shape[1], cfg.d_model, cfg.n_layers, cfg.n_heads).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.n_layers} layers, d {cfg.d_model}, {n_params / 1e6:.2f}M parameters")
-    history = []
-
-    def on_log(step):  # the share of mixed facts along training, to show where it settles
-        right = read_curves(model, all_hiddens(model, tokens, device)[:, -1:], answers, device)["out"] == answers
-        stats = knowledge_stats(fact_table(fact_id, template, right, len(facts)))
-        history.append({"step": step, **{k: round(v, 4) for k, v in stats.items()},
-                        "acc_train": round(float(right[is_train & is_fact].float().mean()), 4)})
-        return {"mixed": stats["mixed_share"], "acc_train": history[-1]["acc_train"]}
-
-    train_time = train(model, tokens, answers, is_train.nonzero()[:, 0], cfg, device, on_log)
-
-    # the lenses at the end of training; the tuned lens is fitted on the trained prompts
-    H = all_hiddens(model, tokens, device)  # (N, P, d)
-    lens = read_curves(model, H, answers, device)
-    W = fit_tuned_lens(H[is_train & is_fact], H[is_train & is_fact, -1])
-    tuned = read_curves(model, apply_tuned_lens(W, H), answers, device, out_token=lens["out"])
-    correct = lens["out"] == answers
-    table = fact_table(fact_id, template, correct, len(facts))
-    in_mixed = is_fact & (table.any(1) & ~table.all(1))[fact_id.clamp(min=0)]
-    arms, top1 = case_curves(H, lens, tuned, answers, correct, in_mixed, model.head.weight.detach().float().cpu())
-
-    # the detector, on features that need no gold answer: the output token's curves, final prob, final entropy
-    y = (~correct[in_mixed]).long()  # 1: hallucination
-    feats = {"logit": lens["p_out"][in_mixed], "tuned": tuned["p_out"][in_mixed],
-             "final_prob": lens["p_out"][in_mixed, -1], "final_entropy": lens["entropy"][in_mixed, -1]}
-    feats["both"] = torch.cat([feats["logit"], feats["tuned"][:, :-1]], 1)  # the tuned last point is the logit one
-    groups = [p["subject"] for p, m in zip(prompts, in_mixed.tolist()) if m]
-    if min(int(y.sum()), int((1 - y).sum())) >= 4 and len(set(groups)) >= 2:
-        classifier = detector_table(feats, y, groups, cfg)
-        best = max(v for d in classifier["curve_grouped"].values() for v in d.values())
-        classifier["curve_gain_over_final_prob_grouped"] = round(best - classifier["final_prob_baseline"]["grouped"], 4)
-    else:
-        classifier = {"skipped": "fewer than 4 samples of a class among the mixed facts"}
-    classifier.update(n_samples=int(len(y)), n_hallucination=int(y.sum()))
-
-    acc = lambda m: round(float(correct[m].float().mean()), 4) if m.any() else None
-    knowledge = {**{k: round(v, 4) for k, v in knowledge_stats(table).items()}, "n_facts": len(facts),
-                 "by_template": {tpl: {"acc_trained": acc(is_fact & (template == t) & is_train),
-                                       "acc_heldout": acc(is_fact & (template == t) & ~is_train)}
-                                 for t, tpl in enumerate(TEMPLATES)},
-                 "link_accuracy": acc(~is_fact), "during_training": history}
-    points = ["emb"] + [f"{k}{i + 1}" for i in range(cfg.n_layers) for k in ("attn", "mlp")]
-    results = {"config": dataclasses.asdict(cfg), "points": points, "arms": arms, "top1_rates": top1,
-               "knowledge": knowledge, "classifier": classifier, "n_params": n_params,
-               "train_time_s": round(train_time, 2), "total_time_s": round(time.time() - t0, 2),
-               "cpu_time_s": round(time.process_time() - c0, 2)}
-    report(results)
+        columns = ("subject", "relation", "object")
+        facts = [{k: str(r[k]).strip().replace(" ", "_") for k in columns} for r in rows]
+    seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds))
+    per_seed = [run_seed(cfg, seed, facts, device) for seed in seeds]
+    detector, cases, arms, verdict = summarize(per_seed)
+    n_layers = cfg.n_layers
+    points = ["emb"] + [f"{k}{i + 1}" for i in range(n_layers) for k in ("attn", "mlp")]
+    knowledge = [{"seed": s["seed"], **s["knowledge"]} for s in per_seed]
+    results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "points": points,
+               "n_params": per_seed[0]["n_params"], "arms": arms, "detector": detector,
+               "curve_adds_information": verdict, "cases": cases,
+               "per_seed_knowledge": knowledge,
+               "wall_time_s": round(time.time() - wall_start, 2),
+               "cpu_time_s": round(time.process_time() - cpu_start, 2)}
+    print_table(results)
     save_json(os.path.join(cfg.out, "results.json"), results)
-    if cfg.plot:
-        plot_curves(arms, points, os.path.join(cfg.out, "curves.png"))
-    log(f"wrote {os.path.join(cfg.out, 'results.json')} ({time.process_time() - c0:.0f}s CPU)")
+    plot(results, os.path.join(cfg.out, "hallucination_lens.png"))
+    log(f"wrote {cfg.out}/results.json and hallucination_lens.png "
+        f"({time.process_time() - cpu_start:.0f}s CPU)")
     return results
 
 
 def main(argv=None):
     return run_cli(Config, run, argv)
+
+
+# --- boilerplate: CLI, seeds, device, logs, files, figures (same in every script; skip it) ---
+
+
+class BadInput(Exception):
+    """A user error (bad flag, value or file): one line on stderr, exit status 2."""
+
+
+class NonFinite(Exception):
+    """A loss term turned NaN or inf: the step and the term on stderr, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit 2; we want one line
+        raise BadInput(message)
+
+
+def parse_config(cls, argv=None):
+    """argparse from the dataclass: `foo_bar: int = 3  # text` becomes `--foo-bar 3`, help text."""
+    source = inspect.getsource(cls)
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, re.M))
+    parser = _Parser(description=(cls.__doc__ or "").strip(),
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        text = helps.get(field.name, "").replace("%", "%%")  # argparse %-formats help text
+        if field.type is bool:
+            action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=field.default, help=text)
+        else:
+            metavar = field.type.__name__.upper()
+            parser.add_argument(flag, type=field.type, default=field.default, help=text,
+                                metavar=metavar)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    devices = ("auto", "cpu", "cuda", "mps")
+    require(cfg.device in devices, f"--device {cfg.device}: choose one of {', '.join(devices)}")
+    require(cfg.steps > 0, f"--steps {cfg.steps}: must be a positive number of steps")
+    require(not cfg.data or os.path.isfile(cfg.data), f"--data {cfg.data}: no such file")
+    return cfg
+
+
+def require(condition, message):
+    if not condition:
+        raise BadInput(message)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu."""
+    has_mps = torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here")
+    require(name != "mps" or has_mps, "--device mps: no MPS device here")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on a CUDA device that supports it; fp32 everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cosine_lr(step, total, lr, warmup):
+    """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
+    # 1) linear warm-up from lr / warmup to lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    # 2) cosine decay from lr (progress 0) to lr / 10 (progress 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def log_progress(step, total, start_time, **metrics):
+    """One line: step, the metrics given (loss terms, reward, throughput), elapsed time and ETA."""
+    elapsed = time.time() - start_time
+    eta = elapsed / step * (total - step)
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+    log(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+
+
+def check_finite(step, **terms):
+    """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
+    for name, value in terms.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
+
+
+def load_user_data(path, columns):
+    """A JSON-lines file as a datasets.Dataset; a bad file is one BadInput line (file, line)."""
+    n_rows = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--data {path}, line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{where}: not valid JSON ({e.msg})")
+            for column in columns:
+                require(isinstance(row, dict) and column in row, f"{where}: no column '{column}'")
+            n_rows += 1
+    require(n_rows > 0, f"--data {path}: no rows")
+    datasets.disable_progress_bars()
+    return datasets.load_dataset("json", data_files=path, split="train")
+
+
+def save_json(path, obj):
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def new_figure(n_panels, width=4.6, height=3.6):
+    """A row of matplotlib axes on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path):
+    """Write a PNG atomically (temp file, then os.replace) and close the figure."""
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_cli(cls, run, argv=None):
+    """Parse argv into a Config and call run(cfg); a user error exits 2, a non-finite loss 1."""
+    try:
+        return run(parse_config(cls, argv))
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Tests for hallucination_lens.py: lenses, the linear detector, the splits and the knowledge base."""
+"""Tests for hallucination_lens.py: the lenses, the log-odds curves, the detectors and their
+splits, the three cases, the knowledge base, one training step and a smoke run."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -16,27 +18,60 @@ def tiny_model(seed=0, vocab=11, block=5, d=16, layers=2, heads=2):
     return hl.TinyLM(vocab, block, d, layers, heads).eval()
 
 
+def readout(log_odds_out, log_odds_gold, out=None, top1_out=None, top1_gold=None):
+    """A hand-built Readout: entropy = 10 * index so features can be traced."""
+    N, P = log_odds_out.shape
+    return hl.Readout(out=torch.zeros(N, dtype=torch.long) if out is None else out,
+                      log_odds_out=log_odds_out, log_odds_gold=log_odds_gold,
+                      entropy=torch.arange(N * P, dtype=torch.float).reshape(N, P) * 10,
+                      top1_out=torch.zeros(N, P, dtype=torch.bool) if top1_out is None else top1_out,
+                      top1_gold=torch.zeros(N, P, dtype=torch.bool) if top1_gold is None else top1_gold)
+
+
+# --- the lenses ---
+
+
 def test_logit_lens_last_point_is_the_model_output():
     model = tiny_model()
     tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
-    probs = hl.logit_lens(model, tokens)
-    assert probs.shape == (3, 1 + 2 * 2, 11)  # points: embedding, attn1, mlp1, attn2, mlp2
-    assert_close(probs[:, -1], model(tokens).softmax(-1))
-    assert_close(probs.sum(-1), torch.ones(3, 5))
-    # the first point reads the embedding alone: softmax(W_U · LN_f(tok[x_T] + pos[T-1]))
-    h0 = model.tok.weight[tokens[:, -1]] + model.pos.weight[4]
-    assert_close(probs[:, 0], model.head(model.ln_f(h0)).softmax(-1))
-    # one sequence in, (P, V) out, equal to its row of the batch
-    assert_close(hl.logit_lens(model, tokens[1]), probs[1])
+    with torch.no_grad():
+        probs = hl.logit_lens(model.hiddens(tokens), model.ln_f, model.head.weight)
+        assert probs.shape == (3, 1 + 2 * 2, 11)  # points: embedding, attn1, mlp1, attn2, mlp2
+        assert_close(probs[:, -1], model(tokens).softmax(-1))
+        assert_close(probs.sum(-1), torch.ones(3, 5))
+        # the first point reads the embedding alone: softmax(W_U · LN_f(tok[x_T] + pos[T-1]))
+        h0 = model.tok.weight[tokens[:, -1]] + model.pos.weight[4]
+        assert_close(probs[:, 0], model.head(model.ln_f(h0)).softmax(-1))
+
+
+def test_logit_lens_applies_the_final_norm_first():
+    # norm = x / 2, W_U = [[1, 0], [0, 1]]: h = (ln 4, 0) -> logits (ln 2, 0) -> p = (2/3, 1/3)
+    h = torch.tensor([[[math.log(4.0), 0.0]]])  # (N=1, P=1, d=2)
+    probs = hl.logit_lens(h, torch.nn.Identity() if False else (lambda x: x / 2), torch.eye(2))
+    assert_close(probs, torch.tensor([[[2 / 3, 1 / 3]]]))
+
+
+def test_logit_lens_checks_shapes():
+    with pytest.raises(ValueError):
+        hl.logit_lens(torch.zeros(2, 3, 4), torch.nn.Identity(), torch.zeros(4))  # W_U not (V, d)
+    with pytest.raises(ValueError):
+        hl.logit_lens(torch.zeros(2, 3, 5), torch.nn.Identity(), torch.zeros(7, 4))  # d 5 vs 4
 
 
 def test_tuned_lens_hand_example():
-    # d = 1, one point: h = [0, 1, 2], final = [1, 3, 5] → final = 2 h + 1 exactly, so A = 2, b = 1
+    # d = 1, one point: h = [0, 1, 2], final = [1, 3, 5] -> final = 2 h + 1 exactly: A = 2, b = 1
     h = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])  # (N=3, P=1, d=1)
     final = torch.tensor([[1.0], [3.0], [5.0]])
     W = hl.fit_tuned_lens(h, final, ridge=0.0)
     assert_close(W, torch.tensor([[[2.0], [1.0]]]), atol=1e-5, rtol=0)
     assert_close(hl.apply_tuned_lens(W, h)[:, 0], final, atol=1e-5, rtol=0)
+    # the ridge shrinks: with ridge 1 (N = 3) the fit is no longer exact
+    W_ridge = hl.fit_tuned_lens(h, final, ridge=1.0)
+    assert float(W_ridge[0, 0, 0]) < 1.9
+    with pytest.raises(ValueError):
+        hl.fit_tuned_lens(h, final[:, 0])  # (N,) where (N, d) is meant
+    with pytest.raises(ValueError):
+        hl.apply_tuned_lens(W, torch.zeros(3, 2, 1))  # two points, W has one
 
 
 def test_tuned_lens_recovers_known_affine_maps():
@@ -54,11 +89,88 @@ def test_tuned_lens_recovers_known_affine_maps():
     assert_close(hl.apply_tuned_lens(W, h), final[:, None].expand(N, P, d), atol=1e-6, rtol=0)
 
 
+def test_tuned_lens_is_fitted_toward_the_last_point_on_the_fit_rows():
+    # point 0 -> last point is h_final = 2 h_0 + 1 on the fit rows; point 1 is noise
+    g = torch.Generator().manual_seed(0)
+    N, d = 200, 3
+    h0 = torch.randn(N, d, generator=g, dtype=torch.float64)
+    H = torch.stack([h0, torch.randn(N, d, generator=g, dtype=torch.float64), 2 * h0 + 1], 1)
+    fit = torch.arange(N) < 150
+    H[~fit, 2] = -5.0  # the other rows break the relation: a fit on them would not recover it
+    tuned = hl.tuned_lens_hiddens(H, fit)
+    assert tuned.shape == (N, 3, d)
+    assert_close(tuned[:, 0], 2 * h0 + 1, atol=1e-3, rtol=0)  # mapped to the final point
+    assert_close(tuned[:, 2], H[:, 2], atol=1e-3, rtol=0)  # the last point maps to itself
+
+
+# --- curves and scores ---
+
+
+def test_token_log_odds_hand_values():
+    # p = (0.5, 0.25, 0.25): logit p[0] = log(0.5 / 0.5) = 0; logit p[1] = log(0.25 / 0.75) = -log 3
+    probs = torch.tensor([[[0.5, 0.25, 0.25]], [[0.5, 0.25, 0.25]]])  # (N=2, P=1, V=3)
+    lo = hl.token_log_odds(probs, torch.tensor([0, 1]))
+    assert_close(lo, torch.tensor([[0.0], [-math.log(3.0)]]))
+    # near 1 the rest is summed, not taken as 1 - p: p = (1 - 1e-9, 1e-9) in float32 rounds the
+    # first to 1, yet logit = log(1) - log(1e-9) = 20.723
+    sure = torch.tensor([[[1 - 1e-9, 1e-9]]])
+    assert_close(hl.token_log_odds(sure, torch.tensor([0])), torch.tensor([[20.7233]]))
+    with pytest.raises(ValueError):
+        hl.token_log_odds(probs, torch.tensor([[0], [1]]))  # (N, 1) where (N,) is meant
+
+
+def test_entropy_hand_values():
+    # uniform over 4: log 4; a one-hot: 0
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
+    assert_close(hl.entropy(probs), torch.tensor([math.log(4.0), 0.0]))
+
+
 def test_balanced_accuracy_hand_count():
-    # pred [1,0,1,1] vs y [1,0,0,1]: TPR = 2/2 = 1, TNR = 1/2 → (1 + 0.5) / 2 = 0.75
-    assert hl.balanced_accuracy(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1])) == pytest.approx(0.75)
+    # pred [1,0,1,1] vs y [1,0,0,1]: TPR = 2/2 = 1, TNR = 1/2 -> (1 + 0.5) / 2 = 0.75
+    assert hl.balanced_accuracy(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1])) == 0.75
     # all predicted 0 on a 3:1 set: plain accuracy would be 0.75, balanced is (0 + 1) / 2 = 0.5
-    assert hl.balanced_accuracy(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1])) == pytest.approx(0.5)
+    assert hl.balanced_accuracy(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1])) == 0.5
+    with pytest.raises(ValueError):
+        hl.balanced_accuracy(torch.tensor([[1], [0]]), torch.tensor([1, 0]))
+
+
+def test_auroc_hand_count():
+    # positives {0.35, 0.8} vs negatives {0.1, 0.4}: 0.35 > 0.1, 0.35 < 0.4, 0.8 > both -> 3/4
+    score = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    y = torch.tensor([0, 0, 1, 1])
+    assert hl.auroc(score, y) == pytest.approx(0.75)
+    assert hl.auroc(-score, y) == pytest.approx(0.25)
+    assert hl.auroc(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == 0.5  # a tie counts half
+    with pytest.raises(ValueError):
+        hl.auroc(score, torch.ones(4, dtype=torch.long))  # one class only
+    with pytest.raises(ValueError):
+        hl.auroc(score[:, None], y)
+
+
+def test_within_cell_auroc_averages_cells_with_both_classes():
+    # cell 0: scores (0.9 pos, 0.1 neg) -> 1; cell 1: (0.2 pos, 0.3 neg, 0.1 neg) -> 1/2;
+    # cell 2 holds one class and is skipped -> (1 + 0.5) / 2 = 0.75
+    score = torch.tensor([0.9, 0.1, 0.2, 0.3, 0.1, 0.5, 0.6])
+    y = torch.tensor([1, 0, 1, 0, 0, 1, 1])
+    cell = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    assert hl.within_cell_auroc(score, y, cell) == pytest.approx(0.75)
+    assert math.isnan(hl.within_cell_auroc(score[5:], y[5:], cell[5:]))
+    with pytest.raises(ValueError):
+        hl.within_cell_auroc(score, y, cell[:, None])
+
+
+def test_threshold_baseline_picks_the_direction():
+    # low x means class 1: the best rule is "x <= 0.5 -> 1" (midpoint of 0.2 and 0.8), sign -1
+    t, sign = hl.best_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([1, 1, 0, 0]))
+    assert sign == -1.0
+    assert t == pytest.approx(0.5)
+    # high x means class 1: t between 0.3 and 0.7 -> 0.5, sign +1
+    t, sign = hl.best_threshold(torch.tensor([0.1, 0.3, 0.7, 0.9]), torch.tensor([0, 0, 1, 1]))
+    assert sign == 1.0
+    assert t == pytest.approx(0.5)
+    # one class only: whichever rule wins, it calls the point class 1
+    t, sign = hl.best_threshold(torch.tensor([2.0]), torch.tensor([1]))
+    assert sign * (2.0 - t) > 0
 
 
 @pytest.mark.parametrize("kind", ["logreg", "svm"])
@@ -66,55 +178,252 @@ def test_classifier_separates_and_matches_a_hand_count(kind):
     # 2-D separable set: label 1 iff x1 + x2 > 0, with a margin of at least 0.5 in x1 + x2
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 2, generator=g)
-    X = X[(X.sum(1)).abs() > 0.5]
+    X = X[X.sum(1).abs() > 0.5]
     y = (X.sum(1) > 0).long()
     clf = hl.train_linear_classifier(X, y, kind)
-    assert hl.balanced_accuracy(clf(X), y) == 1.0
-    # 1-D: train on -2, -1 (class 0) and 1, 2 (class 1) → the boundary sits near 0 (symmetric data)
-    clf = hl.train_linear_classifier(torch.tensor([[-2.0], [-1.0], [1.0], [2.0]]), torch.tensor([0, 0, 1, 1]), kind)
-    X_test, y_test = torch.tensor([[-3.0], [-0.5], [0.5], [3.0]]), torch.tensor([0, 1, 1, 1])
-    assert clf(X_test).tolist() == [False, False, True, True]
-    # hand count: class 1 = {-0.5, 0.5, 3} → 2 of 3 right; class 0 = {-3} → 1 of 1 → (2/3 + 1) / 2 = 5/6
-    assert hl.balanced_accuracy(clf(X_test), y_test) == pytest.approx(5 / 6)
+    assert hl.balanced_accuracy(clf.score(X) > 0, y) == 1.0
+    assert float(clf.w[0]) > 0 and float(clf.w[1]) > 0  # both features push toward class 1
+    assert_close(clf.mu, X.double().mean(0))
+    # 1-D: train on -2, -1 (class 0) and 1, 2 (class 1): the boundary sits between -1 and 1
+    clf = hl.train_linear_classifier(torch.tensor([[-2.0], [-1.0], [1.0], [2.0]]),
+                                     torch.tensor([0, 0, 1, 1]), kind)
+    X_test = torch.tensor([[-3.0], [-0.5], [0.5], [3.0]])
+    y_test = torch.tensor([0, 1, 1, 1])
+    assert (clf.score(X_test) > 0).tolist() == [False, False, True, True]
+    # hand count: class 1 = {-0.5, 0.5, 3}: 2 of 3 right; class 0 = {-3}: 1 of 1 -> 5/6
+    assert hl.balanced_accuracy(clf.score(X_test) > 0, y_test) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError):
+        hl.train_linear_classifier(X, y[:, None], kind)
 
 
-def test_threshold_baseline_picks_the_direction():
-    # low x means class 1 here: the best rule is "x <= 0.5 → 1" (0.5: the midpoint of 0.2 and 0.8), sign -1
-    t, sign = hl.best_threshold(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([1, 1, 0, 0]))
-    assert sign == -1.0
-    assert_close(t, torch.tensor(0.5))
+def test_logreg_weights_the_rare_class_up():
+    # 1-D, 9 negatives at 0 and one positive at 1, plus overlap: a negative at 1 too. Unweighted,
+    # the boundary would sit past 1; with c_y = N / (2 N_y) the raw margin leans to class 1
+    X = torch.tensor([[0.0]] * 8 + [[1.0], [1.0]])
+    y = torch.tensor([0] * 9 + [1])
+    clf = hl.train_linear_classifier(X, y, "logreg")
+    assert bool(clf.score(torch.tensor([[1.0]])) > 0)
+    assert not bool(clf.score(torch.tensor([[0.0]])) > 0)
 
 
-def test_grouped_split_keeps_each_subject_on_one_side():
+# --- splits and detectors ---
+
+
+def test_grouped_folds_keep_each_subject_in_one_fold():
     groups = [f"s{i % 10}" for i in range(57)]  # 10 subjects, 5-6 prompts each
-    test = hl.group_split(groups, 0.2, torch.Generator().manual_seed(3))
-    test_subjects = {g for g, t in zip(groups, test.tolist()) if t}
-    train_subjects = {g for g, t in zip(groups, test.tolist()) if not t}
-    assert not test_subjects & train_subjects
-    assert len(test_subjects) == 2  # round(0.2 * 10)
-    assert int(test.sum()) == sum(g in test_subjects for g in groups)
+    folds = hl.grouped_folds(groups, 5, torch.Generator().manual_seed(3))
+    assert folds.shape == (57,)
+    for s in set(groups):
+        assert len({int(f) for f, g in zip(folds, groups) if g == s}) == 1
+    # 10 subjects over 5 folds: 2 subjects per fold
+    per_fold = [len({g for f, g in zip(folds.tolist(), groups) if f == k}) for k in range(5)]
+    assert per_fold == [2] * 5
+
+
+def test_grouped_cross_validation_cannot_memorize_subjects():
+    # the features name the subject (one-hot), the label is a coin per subject: a random split
+    # would memorize it (train and test share subjects); grouped folds leave nothing to learn
+    g = torch.Generator().manual_seed(0)
+    n_subjects = 40
+    subject = torch.arange(400) % n_subjects
+    X = torch.nn.functional.one_hot(subject, n_subjects).float()
+    y = (torch.rand(n_subjects, generator=g) < 0.5).long()[subject]
+    groups = [f"s{int(s)}" for s in subject]
+    folds = hl.grouped_folds(groups, 5, torch.Generator().manual_seed(0))
+    _, pred = hl.cross_validate(X, y, folds, "logreg")
+    assert abs(hl.balanced_accuracy(pred, y) - 0.5) < 0.1
+    random_folds = torch.randperm(400, generator=g) % 5  # the leak, for contrast
+    _, pred = hl.cross_validate(X, y, random_folds, "logreg")
+    assert hl.balanced_accuracy(pred, y) > 0.95
+
+
+def test_cross_validate_scores_each_fold_with_the_others():
+    # fold 0 holds x = 0, 1 (labels 0, 1); fold 1 holds x = 10, 11 (labels 1, 0). Trained on fold
+    # 1 alone, "x <= 10.5 -> 1" calls fold 0 all 1; trained on fold 0, "x > 0.5" calls fold 1 all 1
+    X = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    folds = torch.tensor([0, 0, 1, 1])
+    score, pred = hl.cross_validate(X, y, folds, "threshold")
+    assert pred.tolist() == [True, True, True, True]
+    assert_close(score, torch.tensor([10.5, 9.5, 9.5, 10.5], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        hl.cross_validate(torch.zeros(4, 2), y, folds, "threshold")
+    with pytest.raises(ValueError):
+        hl.cross_validate(X, y, folds[:, None], "logreg")
+
+
+def test_detector_features_never_read_the_gold_token():
+    g = torch.Generator().manual_seed(0)
+    out_curve = torch.randn(4, 3, generator=g)
+    logit = readout(out_curve, torch.randn(4, 3, generator=g))
+    tuned = readout(out_curve + 1, torch.randn(4, 3, generator=g))
+    template = torch.tensor([0, 1, 3, 1])
+    feats = hl.detector_features(logit, tuned, template, 4)
+    # swap every gold curve for something else: not one feature may change
+    other = hl.detector_features(logit._replace(log_odds_gold=torch.zeros(4, 3)),
+                                 tuned._replace(log_odds_gold=torch.ones(4, 3)), template, 4)
+    for name in feats:
+        assert torch.equal(feats[name], other[name]), name
+    assert_close(feats["logit"], out_curve)
+    assert_close(feats["tuned"], out_curve[:, :2] + 1)  # the tuned last point is dropped
+    assert feats["both"].shape == (4, 5)
+    assert_close(feats["final_prob"], out_curve[:, 2:])
+    assert_close(feats["entropy"], torch.tensor([[20.0], [50.0], [80.0], [110.0]]))
+    assert feats["template"].tolist()[2] == [0, 0, 0, 1]
+    assert_close(feats["template_final_prob"][:, -1:], out_curve[:, 2:].double())
+    assert_close(feats["template_curve"][:, 4:], out_curve.double())
+
+
+def test_case_curves_follow_the_paper_cases():
+    # prompts 0, 1 right, 2, 3 wrong, 4 wrong but outside the mask
+    gold = torch.tensor([[0.0, 2.0], [2.0, 2.0], [-2.0, -4.0], [0.0, -4.0], [9.0, 9.0]])
+    out = torch.tensor([[0.0, 2.0], [2.0, 2.0], [1.0, 3.0], [-1.0, 1.0], [9.0, 9.0]])
+    top1_out = torch.tensor([[0, 1], [1, 1], [1, 1], [0, 1], [1, 1]]).bool()
+    top1_gold = torch.tensor([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1]]).bool()
+    logit = readout(out, gold, top1_out=top1_out, top1_gold=top1_gold)
+    tuned = readout(out + 1, gold - 1)
+    correct = torch.tensor([True, True, False, False, False])
+    mask = torch.tensor([True, True, True, True, False])
+    cases = hl.case_curves(logit, tuned, correct, mask)
+    sig = torch.sigmoid
+    assert cases["success"]["n"] == 2
+    assert cases["success"]["logit_curve"] == pytest.approx(sig(gold[:2]).mean(0).tolist(), abs=1e-4)
+    assert cases["fail"]["logit_curve"] == pytest.approx(sig(gold[2:4]).mean(0).tolist(), abs=1e-4)
+    assert cases["fail"]["tuned_curve"] == pytest.approx(sig(gold[2:4] - 1).mean(0).tolist(),
+                                                         abs=1e-4)
+    assert cases["hallucination"]["logit_curve"] == pytest.approx(sig(out[2:4]).mean(0).tolist(),
+                                                                  abs=1e-4)
+    assert cases["hallucination"]["tuned_curve"] == pytest.approx(
+        sig(out[2:4] + 1).mean(0).tolist(), abs=1e-4)
+    # top-1 at an intermediate point (the first of two here): success 1 of 2, fail 1 of 2 (gold),
+    # hallucination 1 of 2 (output token)
+    assert cases["success"]["top1_rate"] == 0.5
+    assert cases["fail"]["top1_rate"] == 0.5
+    assert cases["hallucination"]["top1_rate"] == 0.5
+    empty = hl.case_curves(logit, tuned, correct, torch.zeros(5, dtype=torch.bool))
+    assert empty["success"] == {"n": 0, "logit_curve": None, "tuned_curve": None,
+                                "top1_rate": None}
+
+
+def detector_toy(n=200, seed=0):
+    """Hallucinations (y = 1) show a falling curve (its middle point high, the end lower) while
+    the final probability is drawn the same way for both classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 2).long()
+    final = torch.randn(n, generator=g)
+    middle = torch.randn(n, generator=g) * 0.3 + 3 * y
+    curve = torch.stack([torch.randn(n, generator=g), middle, final], 1)  # (n, 3)
+    template = torch.arange(n) % 3
+    features = {"logit": curve, "tuned": curve[:, :2], "both": torch.cat([curve, curve[:, :2]], 1),
+                "final_prob": curve[:, 2:], "entropy": -curve[:, 2:],
+                "template": torch.nn.functional.one_hot(template, 3).double(),
+                "template_final_prob": torch.cat([torch.nn.functional.one_hot(template, 3),
+                                                  curve[:, 2:]], 1).double(),
+                "template_curve": torch.cat([torch.nn.functional.one_hot(template, 3),
+                                             curve], 1).double()}
+    folds = hl.grouped_folds([f"s{i // 4}" for i in range(n)], 5, torch.Generator().manual_seed(0))
+    return features, y, folds, torch.sigmoid(final), template
+
+
+def test_evaluate_detectors_on_a_toy_where_only_the_curve_knows():
+    features, y, folds, final_prob, template = detector_toy()
+    res = hl.evaluate_detectors(features, y, folds, final_prob, template)
+    assert res["curve"] == res["curve_logit_logreg"] > 0.95
+    assert res["curve_best"] == max(res[n] for n in hl.DETECTORS if n.startswith("curve_"))
+    assert res["final_prob"] < 0.65 and res["entropy"] < 0.65 and res["template_only"] < 0.65
+    assert res["template_curve"] > 0.95
+    assert res["curve_minus_best_baseline"] == pytest.approx(
+        res["curve"] - max(res["final_prob"], res["entropy"]), abs=1e-4)
+    assert res["template_curve_gain"] == pytest.approx(
+        res["template_curve"] - res["template_final_prob"], abs=1e-4)
+    assert res["within_bin_auroc"]["curve"] > 0.95
+    assert abs(res["within_bin_auroc"]["final_prob"] - 0.5) < 0.2
+    assert res["within_bin_template_auroc"]["curve"] > 0.95
+    wrong = y.bool()
+    assert res["confident_hallucination_share"] == pytest.approx(
+        float((final_prob[wrong] >= 0.5).float().mean()))
+    assert res["n_samples"] == 200 and res["n_hallucinations"] == 100
+
+
+def test_evaluate_detectors_final_probability_baseline_and_bins():
+    # the label is "final probability below 0.5": the threshold baseline is perfect, and inside
+    # the bins [0, .5) and [.5, .9) ... each bin holds one class, so no within-bin AUROC exists
+    features, y, folds, final_prob, template = detector_toy()
+    y = (final_prob < 0.5).long()
+    res = hl.evaluate_detectors(features, y, folds, final_prob, template)
+    assert res["final_prob"] == 1.0 and res["entropy"] == 1.0
+    assert res["within_bin_auroc"]["curve"] is None or math.isnan(res["within_bin_auroc"]["curve"])
+    assert res["confident_hallucination_share"] == 0.0
+
+
+def test_seed_stat_and_the_verdict_rule():
+    values = [{"a": 0.5, "b": {"c": None}}, {"a": 0.7, "b": {"c": float("nan")}}]
+    assert hl.seed_stat(values, np.mean) == {"a": 0.6, "b": {"c": None}}
+    assert hl.seed_stat([0.5, 0.7, None], np.min) == 0.5
+    seed = {"template_curve_gain": 0.03,
+            "within_bin_template_auroc": {"curve": 0.6, "final_prob": 0.55}}
+    assert hl.curve_adds_information([seed, seed])
+    assert not hl.curve_adds_information([seed, {**seed, "template_curve_gain": 0.019}])
+    low = {**seed, "within_bin_template_auroc": {"curve": 0.54, "final_prob": 0.5}}
+    assert not hl.curve_adds_information([low])
+    below = {**seed, "within_bin_template_auroc": {"curve": 0.6, "final_prob": 0.6}}
+    assert not hl.curve_adds_information([below])
+    missing = {**seed, "within_bin_template_auroc": {"curve": None, "final_prob": 0.5}}
+    assert not hl.curve_adds_information([missing])
+
+
+# --- knowledge base ---
+
+
+def test_fact_table_and_knowledge_stats():
+    # fact 0 right through both templates, fact 1 through one (mixed), fact 2 through none;
+    # the link (fact -1) is ignored
+    fact_id = torch.tensor([0, 0, 1, 1, 2, 2, -1])
+    template = torch.tensor([0, 1, 0, 1, 0, 1, -1])
+    correct = torch.tensor([True, True, False, True, False, False, True])
+    table = hl.fact_table(fact_id, template, correct, 3, 2)
+    assert table.tolist() == [[True, True], [False, True], [False, False]]
+    stats = hl.knowledge_stats(table)
+    assert stats == pytest.approx({"mixed_share": 1 / 3, "all_right_share": 1 / 3,
+                                   "all_wrong_share": 1 / 3})
 
 
 def test_knowledge_base_gives_each_triplet_exactly_its_templates():
     rng = np.random.default_rng(0)
     facts = hl.make_kb(5, 3, 4, 1.0, rng)
     assert len(facts) == 15 and len({(f["subject"], f["relation"]) for f in facts}) == 15
-    assert all(f["object"][:-1] == f["relation"] for f in facts)  # objects belong to their relation
+    assert all(f["object"][:-1] == f["relation"] for f in facts)  # objects belong to relations
+    object_of = {(f["subject"], f["relation"]): f["object"] for f in facts}
     prompts = hl.build_prompts(facts, 0.5, rng)
     for i, f in enumerate(facts):
         mine = [p for p in prompts if p["fact"] == i]
         assert [p["template"] for p in mine] == list(range(len(hl.TEMPLATES)))
-        d = mine[1]["text"].split()[5]  # "<bos> s , friend of d , has r": the distractor
+        words = mine[1]["text"].split()  # "<bos> s , friend of d ( o ) , has r"
+        d = words[5]
+        o = words[7]
         assert d != f["subject"] and d.startswith("s")
-        for p, tpl in zip(mine, hl.TEMPLATES):
-            assert p["text"] == "<bos> " + tpl.format(s=f["subject"], a="aka_" + f["subject"], r=f["relation"], d=d)
+        assert o == object_of[(d, f["relation"])]  # the distractor's own object
+        for p, template in zip(mine, hl.TEMPLATES):
+            fields = dict(s=f["subject"], a="aka_" + f["subject"], r=f["relation"], d=d, o=o)
+            assert p["text"] == "<bos> " + template.format(**fields)
             assert p["answer"] == f["object"] and p["subject"] == f["subject"]
         assert mine[0]["train"]  # template 0 is always trained
     links = [p for p in prompts if p["fact"] == -1]
-    assert sorted(p["answer"] for p in links) == [f"s{i}" for i in range(5)] and all(p["train"] for p in links)
+    assert sorted(p["answer"] for p in links) == [f"s{i}" for i in range(5)]
+    assert all(p["train"] for p in links)
     tokens, answers, vocab = hl.tokenize(prompts)
     assert tokens.shape[0] == len(prompts) == answers.shape[0]
     assert [vocab[int(a)] for a in answers] == [" " + p["answer"] for p in prompts]
+    # left-padded: every prompt ends at the last column
+    assert [vocab[int(t)] for t in tokens[0, -2:]] == [" capital", " :"]
+
+
+def test_template_train_sets_the_held_out_share():
+    facts = hl.make_kb(200, 2, 4, 1.0, np.random.default_rng(0))
+    for share, expected in ((0.0, 0.0), (1.0, 1.0), (0.5, 0.5)):
+        prompts = hl.build_prompts(facts, share, np.random.default_rng(1))
+        later = [p["train"] for p in prompts if p["template"] >= 1]
+        assert abs(np.mean(later) - expected) < 0.05
 
 
 def test_object_prior_is_zipf():
@@ -124,17 +433,89 @@ def test_object_prior_is_zipf():
     assert abs(share - 0.48) < 0.03
 
 
+# --- model, training, evaluation helpers ---
+
+
+def test_all_hiddens_and_read_lens_match_the_model():
+    model = tiny_model().train()
+    tokens = torch.randint(0, 11, (5, 5), generator=torch.Generator().manual_seed(2))
+    answers = torch.tensor([1, 2, 3, 4, 5])
+    H = hl.all_hiddens(model, tokens, torch.device("cpu"), batch=2)
+    assert model.training  # restored
+    with torch.no_grad():
+        assert_close(H, model.eval().hiddens(tokens))
+        probs = hl.logit_lens(H, model.ln_f, model.head.weight)
+    r = hl.read_lens(H, model.ln_f, model.head.weight, answers, batch=2)
+    assert torch.equal(r.out, probs[:, -1].argmax(-1))
+    assert_close(r.log_odds_out, hl.token_log_odds(probs, r.out))
+    assert_close(r.log_odds_gold, hl.token_log_odds(probs, answers))
+    assert_close(r.entropy, hl.entropy(probs))
+    assert torch.equal(r.top1_gold, probs.argmax(-1) == answers[:, None])
+    assert torch.equal(r.top1_out[:, -1], torch.ones(5, dtype=torch.bool))
+    forced = hl.read_lens(H, model.ln_f, model.head.weight, answers, out=answers)
+    assert torch.equal(forced.out, answers)
+    assert_close(forced.log_odds_out, r.log_odds_gold)
+
+
+def test_training_fits_the_trained_prompts():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
+    answers = torch.arange(8) % 11
+    model = hl.TinyLM(11, 5, 16, 1, 2)
+    cfg = hl.Config(steps=60, batch_size=8, lr=1e-2, log_every=30)
+    calls = []
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(tokens), answers)
+    hl.train(model, tokens, answers, torch.arange(8), cfg, 0, torch.device("cpu"),
+             lambda: calls.append(1) or {})
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(model(tokens), answers)
+    assert float(after) < 0.1 * float(before)
+    assert len(calls) == 2  # steps 30 and 60
+
+
+# --- the whole run ---
+
+
 def test_smoke_writes_results(tmp_path):
     res = hl.main(["--smoke", "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
-    assert set(saved["arms"]) == {"success", "fail", "hallucination"}
-    assert all(len(a["mean_curve"]) == 1 + 2 * 2 for a in saved["arms"].values())
-    assert set(saved["top1_rates"]) == {"success", "fail", "hallucination"}
-    assert {"curve_random", "curve_grouped", "final_prob_baseline", "entropy_baseline"} <= set(saved["classifier"])
-    assert saved["knowledge"]["mixed_share"] == res["knowledge"]["mixed_share"]
+    assert saved["seeds"] == [0, 1]
+    assert os.path.exists(os.path.join(tmp_path, "hallucination_lens.png"))
+    assert set(saved["arms"]) == set(hl.DETECTORS)
+    assert len(saved["points"]) == 1 + 2 * 2
+    for name in ("unseen_prompts", "all_prompts"):
+        d = saved["detector"][name]
+        for key in ("curve", "final_prob", "entropy", "within_bin_auroc",
+                    "confident_hallucination_share", "template_only", "template_final_prob",
+                    "template_curve", "within_bin_template_auroc", "per_seed", "std", "worst"):
+            assert key in d, key
+        runs = d["per_seed"]
+        assert d["curve"] == pytest.approx(np.mean([r["curve"] for r in runs]), abs=1e-4)
+        assert d["worst"]["curve"] == min(r["curve"] for r in runs)
+        assert all(0 <= r[arm] <= 1 for r in runs for arm in hl.DETECTORS)
+        assert saved["arms"]["final_prob"][name]["mean"] == d["final_prob"]
+        cases = saved["cases"][name]
+        assert cases["fail"]["n"] == cases["hallucination"]["n"]
+        assert cases["hallucination"]["n"] == sum(r["n_hallucinations"] for r in runs)
+        assert cases["success"]["n"] + cases["fail"]["n"] == sum(r["n_samples"] for r in runs)
+        # the hallucination curve ends at the output token's final probability, above the gold one
+        assert cases["hallucination"]["logit_curve"][-1] > cases["fail"]["logit_curve"][-1]
+        assert cases["hallucination"]["logit_curve"][-1] == pytest.approx(
+            cases["hallucination"]["tuned_curve"][-1], abs=0.02)
+    unseen = saved["detector"]["unseen_prompts"]
+    all_prompts = saved["detector"]["all_prompts"]
+    # unseen prompts are a subset of the held-out prompts; all prompts of mixed facts add the
+    # trained ones, which the model gets right
+    assert all_prompts["n_samples"] > unseen["n_samples"] - all_prompts["n_hallucinations"]
+    assert isinstance(saved["curve_adds_information"], bool)
+    assert saved["per_seed_knowledge"][0]["by_template"][hl.TEMPLATES[0]]["held_out"] is None
+    assert res["detector"]["unseen_prompts"]["curve"] == unseen["curve"]
 
 
-@pytest.mark.parametrize("argv", [["--template-train", "1.5"], ["--n-subjects", "0"], ["--d-model", "30", "--n-heads", "4"]])
+@pytest.mark.parametrize("argv", [["--template-train", "1.5"], ["--n-subjects", "0"],
+                                  ["--d-model", "30", "--n-heads", "4"], ["--n-folds", "1"],
+                                  ["--n-seeds", "0"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         hl.main(argv)
