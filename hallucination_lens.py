@@ -358,7 +358,7 @@ def auroc(score, y):
 
 def within_cell_auroc(score, y, cell):
     """AUROC inside each cell (e.g. a final-probability bin), averaged over the cells that hold
-    both classes; NaN if none does. score (N,), y (N,) 0/1, cell (N,) long."""
+    both classes; None if none does. score (N,), y (N,) 0/1, cell (N,) long."""
     if not (score.shape == y.shape == cell.shape) or y.dim() != 1:
         raise ValueError("score, y and cell must all be (N,)")
     values = []
@@ -367,7 +367,7 @@ def within_cell_auroc(score, y, cell):
         n_pos = int(y[inside].sum())
         if 0 < n_pos < int(inside.sum()):
             values.append(auroc(score[inside], y[inside]))
-    return float(np.mean(values)) if values else float("nan")
+    return float(np.mean(values)) if values else None
 
 
 def best_threshold(x, y):
@@ -501,7 +501,8 @@ def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
             logits = model(x)  # (B, V)
         # L = -mean_b log p(answer_b | prompt_b): the answer is the only supervised token
         loss = F.cross_entropy(logits.float(), y)
-        check_finite(step, loss=loss.detach())
+        loss_value = loss.item()
+        check_finite(step, loss=loss_value)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -509,7 +510,7 @@ def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
         if step % cfg.log_every == 0 or step == cfg.steps:
             metrics = on_log()
             tok_per_s = seen / max(time.time() - start, 1e-9)
-            log_progress(step, cfg.steps, start, loss=loss.item(), lr=lr, **metrics,
+            log_progress(step, cfg.steps, start, loss=loss_value, lr=lr, **metrics,
                          tok_per_s=tok_per_s)
 
 
@@ -604,9 +605,9 @@ def case_summary(log_odds, tuned_log_odds, top1):
     if len(log_odds) == 0:
         return {"n": 0, "logit_curve": None, "tuned_curve": None, "top1_rate": None}
     return {"n": len(log_odds),
-            "logit_curve": [round(float(v), 4) for v in log_odds.sigmoid().mean(0)],
-            "tuned_curve": [round(float(v), 4) for v in tuned_log_odds.sigmoid().mean(0)],
-            "top1_rate": round(float(top1[:, :-1].any(1).float().mean()), 4)}
+            "logit_curve": log_odds.sigmoid().mean(0).tolist(),
+            "tuned_curve": tuned_log_odds.sigmoid().mean(0).tolist(),
+            "top1_rate": float(top1[:, :-1].any(1).float().mean())}
 
 
 def case_curves(logit, tuned, correct, mask):
@@ -642,7 +643,18 @@ def detector_features(logit, tuned, template, n_templates):
             "template_curve": torch.cat([one_hot, logit.log_odds_out.double()], 1)}
 
 
-def evaluate_detectors(features, y, folds, final_prob, template):
+def probability_bins(p):
+    """Final-probability bins: 0 = [0, .5), 1 = [.5, .9), 2 = [.9, .99), 3 = [.99, 1]. p (N,)."""
+    return torch.bucketize(p, torch.tensor(PROB_BINS, dtype=p.dtype), right=True)  # (N,)
+
+
+def enough_of_each_class(y, n_min):
+    """Can a detector be cross-validated on labels y (N,)? At least n_min of each class."""
+    n_wrong = int(y.sum())
+    return min(n_wrong, len(y) - n_wrong) >= n_min
+
+
+def evaluate_detectors(features, y, folds, template):
     """Every detector arm on one subject-grouped cross-validation: balanced accuracy of the
     pooled out-of-fold predictions; the headline curve detector's and the final probability's
     AUROC inside final-probability bins, and inside bin x template cells."""
@@ -650,17 +662,19 @@ def evaluate_detectors(features, y, folds, final_prob, template):
     scores = {}
     for name, (feature, kind) in DETECTORS.items():
         scores[name], pred = cross_validate(features[feature], y, folds, kind)
-        result[name] = round(balanced_accuracy(pred, y), 4)
+        result[name] = balanced_accuracy(pred, y)
     curves = [result[name] for name in DETECTORS if name.startswith("curve_")]
     result["curve"] = result[HEADLINE]
     result["curve_best"] = max(curves)
-    result["curve_minus_best_baseline"] = round(
-        result["curve"] - max(result["final_prob"], result["entropy"]), 4)
-    result["template_curve_gain"] = round(
-        result["template_curve"] - result["template_final_prob"], 4)
-    bins = torch.bucketize(final_prob, torch.tensor(PROB_BINS), right=True)  # (N,)
-    cells = bins * (int(template.max()) + 1) + template  # (N,): bin x template
-    low_prob = -final_prob.double()  # (N,): a hallucination scores higher where p is lower
+    result["curve_minus_best_baseline"] = result["curve"] - max(result["final_prob"],
+                                                                result["entropy"])
+    result["template_curve_gain"] = result["template_curve"] - result["template_final_prob"]
+    final_prob = features["final_prob"][:, 0].sigmoid()  # (N,): back from log-odds
+    bins = probability_bins(final_prob)  # (N,)
+    pairs = torch.stack([bins, template], 1)  # (N, 2)
+    cells = torch.unique(pairs, dim=0, return_inverse=True)[1]  # (N,): one id per bin x template
+    # a hallucination scores higher where p is lower; log-odds keep p near 1 apart (no ties)
+    low_prob = -features["final_prob"][:, 0].double()  # (N,)
     result["within_bin_auroc"] = {"curve": within_cell_auroc(scores[HEADLINE], y, bins),
                                   "final_prob": within_cell_auroc(low_prob, y, bins)}
     result["within_bin_template_auroc"] = {
@@ -741,21 +755,18 @@ def run_seed(cfg, seed, facts, device):
     # the detectors: 1 = hallucination; folds by subject, so no subject is on both sides
     y = (~correct).long()  # (N,)
     features = detector_features(logit, tuned, template.clamp(min=0), len(TEMPLATES))
-    final_prob = logit.log_odds_out[:, -1].sigmoid()  # (N,)
     folds = grouped_folds([p["subject"] for p in prompts], cfg.n_folds,
                           torch.Generator().manual_seed(seed))
     detector = {}
     cases = {}
     for name, mask in settings.items():
         cases[name] = case_curves(logit, tuned, correct, mask)
-        n_wrong = int(y[mask].sum())
-        if min(n_wrong, int(mask.sum()) - n_wrong) < cfg.n_folds:
+        if not enough_of_each_class(y[mask], cfg.n_folds):
             detector[name] = None
             log(f"seed {seed}, {name}: fewer than {cfg.n_folds} prompts of a class; no detector")
             continue
         subset = {k: v[mask] for k, v in features.items()}
-        detector[name] = evaluate_detectors(subset, y[mask], folds[mask], final_prob[mask],
-                                            template[mask])
+        detector[name] = evaluate_detectors(subset, y[mask], folds[mask], template[mask])
 
     def accuracy(rows):
         return round(float(correct[rows].float().mean()), 4) if rows.any() else None
@@ -876,7 +887,7 @@ def plot(results, path):
     axes[2].axvline(0.5, color="k", lw=0.8, ls=":")
     axes[2].set_xlim(0.4, 1.0)
     axes[2].set_xlabel("balanced accuracy (grouped CV)")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
 
 

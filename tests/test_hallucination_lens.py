@@ -44,11 +44,17 @@ def test_logit_lens_last_point_is_the_model_output():
         assert_close(probs[:, 0], model.head(model.ln_f(h0)).softmax(-1))
 
 
+def halve(x):
+    return x / 2
+
+
 def test_logit_lens_applies_the_final_norm_first():
     # norm = x / 2, W_U = [[1, 0], [0, 1]]: h = (ln 4, 0) -> logits (ln 2, 0) -> p = (2/3, 1/3)
     h = torch.tensor([[[math.log(4.0), 0.0]]])  # (N=1, P=1, d=2)
-    probs = hl.logit_lens(h, torch.nn.Identity() if False else (lambda x: x / 2), torch.eye(2))
+    probs = hl.logit_lens(h, halve, torch.eye(2))
     assert_close(probs, torch.tensor([[[2 / 3, 1 / 3]]]))
+    # float32 probabilities whatever the residual's dtype (bf16 under autocast, float64 here)
+    assert hl.logit_lens(h.double(), halve, torch.eye(2, dtype=torch.float64)).dtype == torch.float32
 
 
 def test_logit_lens_checks_shapes():
@@ -65,9 +71,10 @@ def test_tuned_lens_hand_example():
     W = hl.fit_tuned_lens(h, final, ridge=0.0)
     assert_close(W, torch.tensor([[[2.0], [1.0]]]), atol=1e-5, rtol=0)
     assert_close(hl.apply_tuned_lens(W, h)[:, 0], final, atol=1e-5, rtol=0)
-    # the ridge shrinks: with ridge 1 (N = 3) the fit is no longer exact
+    # ridge 1, N = 3: X = [[0, 1], [1, 1], [2, 1]], XᵀX + 3 I = [[8, 3], [3, 6]], XᵀY = [13, 9];
+    # det 39 -> A = (6·13 - 3·9) / 39 = 17/13, b = (8·9 - 3·13) / 39 = 11/13
     W_ridge = hl.fit_tuned_lens(h, final, ridge=1.0)
-    assert float(W_ridge[0, 0, 0]) < 1.9
+    assert_close(W_ridge, torch.tensor([[[17 / 13], [11 / 13]]]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         hl.fit_tuned_lens(h, final[:, 0])  # (N,) where (N, d) is meant
     with pytest.raises(ValueError):
@@ -115,6 +122,9 @@ def test_token_log_odds_hand_values():
     # first to 1, yet logit = log(1) - log(1e-9) = 20.723
     sure = torch.tensor([[[1 - 1e-9, 1e-9]]])
     assert_close(hl.token_log_odds(sure, torch.tensor([0])), torch.tensor([[20.7233]]))
+    # exact 0 and 1 stay finite: log(1e-30) - log(1) = -69.0776 and its negative
+    edge = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])
+    assert_close(hl.token_log_odds(edge, torch.tensor([0, 0])), torch.tensor([[-69.0776], [69.0776]]))
     with pytest.raises(ValueError):
         hl.token_log_odds(probs, torch.tensor([[0], [1]]))  # (N, 1) where (N,) is meant
 
@@ -154,7 +164,7 @@ def test_within_cell_auroc_averages_cells_with_both_classes():
     y = torch.tensor([1, 0, 1, 0, 0, 1, 1])
     cell = torch.tensor([0, 0, 1, 1, 1, 2, 2])
     assert hl.within_cell_auroc(score, y, cell) == pytest.approx(0.75)
-    assert math.isnan(hl.within_cell_auroc(score[5:], y[5:], cell[5:]))
+    assert hl.within_cell_auroc(score[5:], y[5:], cell[5:]) is None
     with pytest.raises(ValueError):
         hl.within_cell_auroc(score, y, cell[:, None])
 
@@ -194,6 +204,41 @@ def test_classifier_separates_and_matches_a_hand_count(kind):
     assert hl.balanced_accuracy(clf.score(X_test) > 0, y_test) == pytest.approx(5 / 6)
     with pytest.raises(ValueError):
         hl.train_linear_classifier(X, y[:, None], kind)
+
+
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_classifier_matches_a_plain_optimizer_on_the_same_loss(kind):
+    # overlapping, imbalanced classes; minimize the docstring's loss with L-BFGS on the same
+    # standardized features and compare the weights; then the bias is the best training threshold
+    g = torch.Generator().manual_seed(1)
+    y = (torch.rand(120, generator=g) < 0.3).long()
+    X = torch.randn(120, 2, generator=g, dtype=torch.float64) + y[:, None] * torch.tensor([1.0, 0.5],
+                                                                                      dtype=torch.float64)
+    clf = hl.train_linear_classifier(X, y, kind)
+    z = (X - X.mean(0)) / X.std(0)
+    s = 2 * y.double() - 1
+    c = torch.where(y > 0, 120 / (2 * y.sum()), 120 / (2 * (1 - y).sum())).double()
+    theta = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        m = s * (z @ theta[:2] + theta[2])
+        if kind == "logreg":
+            per = torch.nn.functional.softplus(-m)
+        else:
+            per = (1 - m).clamp(min=0) ** 2
+        loss = (c * per).mean() + 1e-3 / 2 * (theta[:2] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert_close(clf.w, theta[:2].detach(), atol=1e-4, rtol=1e-4)
+    # the bias: the threshold of best training balanced accuracy on the projection z · w
+    proj = z @ clf.w
+    best = max(hl.balanced_accuracy(proj > t, y) for t in torch.cat([proj - 1e-9, proj[:1] - 1]))
+    assert hl.balanced_accuracy(clf.score(X) > 0, y) == pytest.approx(best)
 
 
 def test_logreg_weights_the_rare_class_up():
@@ -275,11 +320,13 @@ def test_detector_features_never_read_the_gold_token():
 
 
 def test_case_curves_follow_the_paper_cases():
-    # prompts 0, 1 right, 2, 3 wrong, 4 wrong but outside the mask
-    gold = torch.tensor([[0.0, 2.0], [2.0, 2.0], [-2.0, -4.0], [0.0, -4.0], [9.0, 9.0]])
-    out = torch.tensor([[0.0, 2.0], [2.0, 2.0], [1.0, 3.0], [-1.0, 1.0], [9.0, 9.0]])
-    top1_out = torch.tensor([[0, 1], [1, 1], [1, 1], [0, 1], [1, 1]]).bool()
-    top1_gold = torch.tensor([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1]]).bool()
+    # prompts 0, 1 right, 2, 3 wrong, 4 wrong but outside the mask; three points each
+    gold = torch.tensor([[0.0, 1.0, 2.0], [2.0, 2.0, 2.0], [-2.0, -3.0, -4.0], [0.0, -1.0, -4.0],
+                         [9.0, 9.0, 9.0]])
+    out = torch.tensor([[0.0, 1.0, 2.0], [2.0, 2.0, 2.0], [1.0, 2.0, 3.0], [-1.0, 0.0, 1.0],
+                        [9.0, 9.0, 9.0]])
+    top1_out = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]]).bool()
+    top1_gold = torch.tensor([[0, 0, 1], [0, 1, 1], [0, 1, 0], [0, 0, 1], [1, 1, 1]]).bool()
     logit = readout(out, gold, top1_out=top1_out, top1_gold=top1_gold)
     tuned = readout(out + 1, gold - 1)
     correct = torch.tensor([True, True, False, False, False])
@@ -295,8 +342,8 @@ def test_case_curves_follow_the_paper_cases():
                                                                   abs=1e-4)
     assert cases["hallucination"]["tuned_curve"] == pytest.approx(
         sig(out[2:4] + 1).mean(0).tolist(), abs=1e-4)
-    # top-1 at an intermediate point (the first of two here): success 1 of 2, fail 1 of 2 (gold),
-    # hallucination 1 of 2 (output token)
+    # top-1 at an intermediate point (the first two of three; the last is the output itself):
+    # success 1 of 2, fail 1 of 2 (gold), hallucination 1 of 2 (output token)
     assert cases["success"]["top1_rate"] == 0.5
     assert cases["fail"]["top1_rate"] == 0.5
     assert cases["hallucination"]["top1_rate"] == 0.5
@@ -322,12 +369,13 @@ def detector_toy(n=200, seed=0):
                 "template_curve": torch.cat([torch.nn.functional.one_hot(template, 3),
                                              curve], 1).double()}
     folds = hl.grouped_folds([f"s{i // 4}" for i in range(n)], 5, torch.Generator().manual_seed(0))
-    return features, y, folds, torch.sigmoid(final), template
+    return features, y, folds, template
 
 
 def test_evaluate_detectors_on_a_toy_where_only_the_curve_knows():
-    features, y, folds, final_prob, template = detector_toy()
-    res = hl.evaluate_detectors(features, y, folds, final_prob, template)
+    features, y, folds, template = detector_toy()
+    final_prob = features["final_prob"][:, 0].sigmoid()
+    res = hl.evaluate_detectors(features, y, folds, template)
     assert res["curve"] == res["curve_logit_logreg"] > 0.95
     assert res["curve_best"] == max(res[n] for n in hl.DETECTORS if n.startswith("curve_"))
     assert res["final_prob"] < 0.65 and res["entropy"] < 0.65 and res["template_only"] < 0.65
@@ -346,14 +394,34 @@ def test_evaluate_detectors_on_a_toy_where_only_the_curve_knows():
 
 
 def test_evaluate_detectors_final_probability_baseline_and_bins():
-    # the label is "final probability below 0.5": the threshold baseline is perfect, and inside
-    # the bins [0, .5) and [.5, .9) ... each bin holds one class, so no within-bin AUROC exists
-    features, y, folds, final_prob, template = detector_toy()
-    y = (final_prob < 0.5).long()
-    res = hl.evaluate_detectors(features, y, folds, final_prob, template)
+    # the label is "final probability below 0.5": the threshold baseline is perfect, and each
+    # bin holds one class, so no within-bin AUROC exists
+    features, y, folds, template = detector_toy()
+    final_prob = features["final_prob"][:, 0].sigmoid()
+    res = hl.evaluate_detectors(features, (final_prob < 0.5).long(), folds, template)
     assert res["final_prob"] == 1.0 and res["entropy"] == 1.0
-    assert res["within_bin_auroc"]["curve"] is None or math.isnan(res["within_bin_auroc"]["curve"])
+    assert res["within_bin_auroc"] == {"curve": None, "final_prob": None}
     assert res["confident_hallucination_share"] == 0.0
+    # label "p < 0.3": bin [0, .5) holds both classes, and inside it the lower p is always the
+    # hallucination -> the final probability's within-bin AUROC is 1, in bin x template cells too
+    y = (final_prob < 0.3).long()
+    res = hl.evaluate_detectors(features, y, folds, template)
+    assert res["within_bin_auroc"]["final_prob"] == 1.0
+    assert res["within_bin_template_auroc"]["final_prob"] == 1.0
+    assert res["confident_hallucination_share"] == 0.0
+    # label "p >= 0.5 and the template is 0": every hallucination is confident
+    y = ((final_prob >= 0.5) & (template == 0)).long()
+    res = hl.evaluate_detectors(features, y, folds, template)
+    assert res["confident_hallucination_share"] == 1.0
+    assert res["template_only"] > 0.7  # the template knows a third of the story
+
+
+def test_probability_bins_and_class_counts():
+    p = torch.tensor([0.0, 0.49, 0.5, 0.89, 0.9, 0.99, 1.0])
+    assert hl.probability_bins(p).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert hl.enough_of_each_class(torch.tensor([1, 1, 0, 0, 0]), 2)
+    assert not hl.enough_of_each_class(torch.tensor([1, 0, 0, 0, 0]), 2)
+    assert not hl.enough_of_each_class(torch.tensor([1, 1, 1, 1, 0]), 2)
 
 
 def test_seed_stat_and_the_verdict_rule():
@@ -442,6 +510,7 @@ def test_all_hiddens_and_read_lens_match_the_model():
     answers = torch.tensor([1, 2, 3, 4, 5])
     H = hl.all_hiddens(model, tokens, torch.device("cpu"), batch=2)
     assert model.training  # restored
+    assert hl.all_hiddens(tiny_model().double(), tokens, torch.device("cpu")).dtype == torch.float32
     with torch.no_grad():
         assert_close(H, model.eval().hiddens(tokens))
         probs = hl.logit_lens(H, model.ln_f, model.head.weight)
@@ -477,10 +546,60 @@ def test_training_fits_the_trained_prompts():
 # --- the whole run ---
 
 
+def fake_seed(value, gain, with_all=False):
+    det = {arm: value for arm in hl.DETECTORS}
+    det.update(template_curve_gain=gain,
+               within_bin_template_auroc={"curve": 0.6, "final_prob": value - 0.2})
+    case = {"n": 3, "logit_curve": [value, 1 / 3], "tuned_curve": [value, 0.5], "top1_rate": value}
+    empty = {"n": 0, "logit_curve": None, "tuned_curve": None, "top1_rate": None}
+    cases = {"success": case, "fail": empty if value < 0.7 else case, "hallucination": case}
+    return {"detector": {"unseen_prompts": det, "all_prompts": det if with_all else None},
+            "cases": {"unseen_prompts": cases, "all_prompts": cases}}
+
+
+def test_summarize_means_over_seeds():
+    per_seed = [fake_seed(0.6, 0.03), fake_seed(0.8, 0.05)]
+    detector, cases, arms, verdict = hl.summarize(per_seed)
+    unseen = detector["unseen_prompts"]
+    assert unseen["curve_logit_logreg"] == 0.7
+    assert unseen["std"]["curve_logit_logreg"] == 0.1
+    assert unseen["worst"]["curve_logit_logreg"] == 0.6
+    assert unseen["per_seed"] == [s["detector"]["unseen_prompts"] for s in per_seed]
+    assert detector["all_prompts"] is None
+    assert arms["final_prob"] == {"unseen_prompts": {"mean": 0.7, "std": 0.1, "worst": 0.6}}
+    success = cases["unseen_prompts"]["success"]
+    assert success == {"n": 6, "logit_curve": [0.7, 0.3333], "tuned_curve": [0.7, 0.5],
+                       "top1_rate": 0.7}
+    # a seed without failures does not drag the mean: only the 0.8 seed has them
+    assert cases["unseen_prompts"]["fail"]["logit_curve"] == [0.8, 0.3333]
+    assert cases["unseen_prompts"]["fail"]["n"] == 3
+    # within-cell AUROC: curve 0.6 vs final p 0.5 on average, gains >= 0.02 in both seeds
+    assert verdict is True
+    _, _, _, verdict = hl.summarize([fake_seed(0.6, 0.03), fake_seed(0.8, 0.01)])
+    assert verdict is False
+    both = [fake_seed(0.6, 0.03, True), fake_seed(0.8, 0.05, True)]
+    detector, _, arms, _ = hl.summarize(both)
+    assert detector["all_prompts"]["entropy"] == 0.7
+    assert arms["entropy"]["all_prompts"]["worst"] == 0.6
+    no_unseen = [{**s, "detector": {"unseen_prompts": None, "all_prompts": None}} for s in both]
+    detector, _, arms, verdict = hl.summarize(no_unseen)
+    assert detector == {"unseen_prompts": None, "all_prompts": None}
+    assert verdict is False and arms["entropy"] == {}
+
+
 def test_smoke_writes_results(tmp_path):
     res = hl.main(["--smoke", "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
     assert saved["seeds"] == [0, 1]
+    smoke_size = dict(steps=150, n_seeds=2, n_subjects=24, n_relations=2, n_layers=2, d_model=32,
+                      n_heads=2, batch_size=64, n_folds=2, log_every=75)
+    assert {k: saved["config"][k] for k in smoke_size} == smoke_size
+    assert 0 < saved["cpu_time_s"] < 600 and 0 < saved["wall_time_s"] < 3600
+    for k in saved["per_seed_knowledge"]:
+        shares = k["mixed_share"] + k["all_right_share"] + k["all_wrong_share"]
+        assert shares == pytest.approx(1.0, abs=1e-3)
+        assert len(k["during_training"]) == 2  # steps 75 and 150
+        assert 0 <= k["link_accuracy"] <= 1
     assert os.path.exists(os.path.join(tmp_path, "hallucination_lens.png"))
     assert set(saved["arms"]) == set(hl.DETECTORS)
     assert len(saved["points"]) == 1 + 2 * 2
@@ -492,7 +611,7 @@ def test_smoke_writes_results(tmp_path):
             assert key in d, key
         runs = d["per_seed"]
         assert d["curve"] == pytest.approx(np.mean([r["curve"] for r in runs]), abs=1e-4)
-        assert d["worst"]["curve"] == min(r["curve"] for r in runs)
+        assert d["worst"]["curve"] == round(min(r["curve"] for r in runs), 4)
         assert all(0 <= r[arm] <= 1 for r in runs for arm in hl.DETECTORS)
         assert saved["arms"]["final_prob"][name]["mean"] == d["final_prob"]
         cases = saved["cases"][name]
