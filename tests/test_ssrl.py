@@ -1,70 +1,103 @@
-"""ssrl.py: format reward, EM, pass@k, information mask, GRPO, and the toy's data, on hand-computed values."""
+"""ssrl.py: format reward (official cases), EM, pass@k, information mask, plan accuracy, GRPO, the
+toy world, and the evaluation of models whose answers are fixed by hand."""
 import itertools
 import json
-import math
 import random
 
 import pytest
 import torch
+import torch.nn as nn
 
 import ssrl
 
-T, S, I, A = ("<think>", "</think>"), ("<search>", "</search>"), ("<information>", "</information>"), ("<answer>", "</answer>")
+T = ("<think>", "</think>")
+S = ("<search>", "</search>")
+I = ("<information>", "</information>")
+A = ("<answer>", "</answer>")
 
 
 def block(tag, body):
     return f"{tag[0]}{body}{tag[1]}"
 
 
+ONE_SEARCH = block(T, "q") + block(S, "who") + block(I, "fact") + block(T, "ok") + block(A, "x")
+
+
 # --- format reward: f = min(t/2, 1) · min(t, s+1) / max(t, s+1), or 0 when malformed ---
 
-def test_format_reward_direct_answer_is_half():
-    # t = 1, s = 0: min(1/2, 1) · min(1, 1) / max(1, 1) = 0.5 · 1 = 0.5
+def test_format_reward_direct_answer_is_half_and_one_search_is_one():
+    # t = 1, s = 0: min(1/2, 1) · min(1, 1) / max(1, 1) = 0.5
     assert ssrl.format_reward(block(T, "x") + block(A, "paris")) == 0.5
-
-
-def test_format_reward_one_search_is_one():
     # t = 2, s = 1: min(2/2, 1) · min(2, 2) / max(2, 2) = 1
-    text = block(T, "q") + block(S, "who") + block(I, "fact") + block(T, "ok") + block(A, "paris")
-    assert ssrl.format_reward(text) == 1.0
+    assert ssrl.format_reward(ONE_SEARCH) == 1.0
+    assert ssrl.format_reward("  " + ONE_SEARCH + "\n") == 1.0  # stripped first
 
 
-def test_format_reward_two_searches_and_one_think_too_few():
-    # two hops: t = 3, s = 2: min(3/2, 1) · min(3, 3) / max(3, 3) = 1
-    two = block(T, "a") + block(S, "q1") + block(I, "f1") + block(T, "b") + block(S, "q2") + block(I, "f2") \
-        + block(T, "c") + block(A, "x")
+def test_format_reward_ratios():
+    # two hops: t = 3, s = 2: min(3/2, 1) · 3/3 = 1
+    two = block(T, "a") + block(S, "q1") + block(I, "f1") + block(T, "b") + block(S, "q2") \
+        + block(I, "f2") + block(T, "c") + block(A, "x")
     assert ssrl.format_reward(two) == 1.0
     # t = 1, s = 1: min(1/2, 1) · min(1, 2) / max(1, 2) = 0.5 · 0.5 = 0.25
     assert ssrl.format_reward(block(T, "a") + block(S, "q") + block(I, "f") + block(A, "x")) == 0.25
+    # t = 4, s = 1: min(2, 1) · min(4, 2) / max(4, 2) = 0.5
+    four = block(T, "a") * 3 + block(S, "q") + block(I, "f") + block(T, "b") + block(A, "x")
+    assert ssrl.format_reward(four) == 0.5
+    # t = 8, s = 0: 1 · 1/8 = 0.125 (eight is still allowed)
+    assert ssrl.format_reward(block(T, "x") * 8 + block(A, "p")) == 0.125
 
 
-@pytest.mark.parametrize("text", [
-    block(T, "q") + block(S, "who") + block(T, "ok") + block(A, "paris"),  # missing information block: 0 ≠ s = 1
-    block(T, "q") + block(S, "who") + block(I, "  ") + block(T, "ok") + block(A, "paris"),  # empty block
-    block(S, "who") + block(I, "fact") + block(T, "ok") + block(A, "paris"),  # does not start with <think>
-    block(T, "q") + block(A, "paris") + " trailing",  # does not end with </answer>
-    block(T, "x") * 9 + block(A, "paris"),  # nine thinks: t > 8
-])
-def test_format_reward_malformed_is_zero(text):
-    assert ssrl.format_reward(text) == 0.0
+MALFORMED = {
+    "missing information block": block(T, "q") + block(S, "w") + block(T, "ok") + block(A, "p"),
+    "empty block": block(T, "q") + block(S, "w") + block(I, "  ") + block(T, "ok") + block(A, "p"),
+    "empty answer": block(T, "q") + block(A, " "),
+    "no leading think": block(S, "w") + block(I, "f") + block(T, "ok") + block(A, "p"),
+    "does not end with </answer>": block(T, "q") + block(A, "p") + " trailing",
+    "nine thinks": block(T, "x") * 9 + block(A, "p"),
+    "information before search": block(T, "a") + block(I, "f") + block(T, "b") + block(A, "p"),
+    "information before search, counts equal": block(T, "a") + block(I, "f") + block(S, "q")
+    + block(T, "b") + block(A, "p"),
+    "think between search and information": block(T, "a") + block(S, "q") + block(T, "b")
+    + block(I, "f") + block(T, "c") + block(A, "p"),
+    "a tag nested in a think block": block(T, "a " + block(S, "q") + " b") + block(A, "p"),
+    "a tag nested in an information block": block(T, "a") + block(S, "q")
+    + block(I, "f " + block(T, "x")) + block(T, "c") + block(A, "p"),
+    "a foreign tag": block(T, "a") + block(A, "p <s>"),
+    "a foreign closing tag": block(T, "a </s>") + block(A, "p"),
+    "two information opens, one close": block(T, "a") + block(S, "q") + "<information> f"
+    + block(I, "g") + block(T, "c") + block(A, "p"),
+    "answer inside think": block(T, "a " + block(A, "p")) + block(A, "p"),
+    "a query over two lines": block(T, "q") + block(S, "w\nx") + block(I, "f") + block(T, "ok")
+    + block(A, "p"),
+    "a search after the answer": block(T, "a") + block(S, "q") + block(I, "f")
+    + block(A, "p") + block(S, "q"),
+    "fewer than four tags": "<think></answer>",
+}
 
 
-def test_reward_mixes_em_and_format():
-    # correct direct answer: 0.9 · 1 + 0.1 · 0.5 = 0.95; wrong answer after one search: 0.9 · 0 + 0.1 · 1 = 0.1
-    assert ssrl.reward(block(T, "x") + block(A, " The Paris."), "paris") == pytest.approx(0.95)
-    text = block(T, "q") + block(S, "who") + block(I, "fact") + block(T, "ok") + block(A, "rome")
-    assert ssrl.reward(text, "paris") == pytest.approx(0.1)
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_format_reward_malformed_is_zero(name):
+    assert ssrl.format_reward(MALFORMED[name]) == 0.0
+
+
+def test_answer_reward_mixes_em_and_format():
+    # right direct answer: 0.9 · 1 + 0.1 · 0.5 = 0.95; wrong after one search: 0.9 · 0 + 0.1 · 1
+    assert ssrl.answer_reward(block(T, "x") + block(A, " The Paris."), "paris") == pytest.approx(0.95)
+    assert ssrl.answer_reward(ONE_SEARCH, "paris") == pytest.approx(0.1)
+    assert ssrl.answer_reward(ONE_SEARCH, "x") == pytest.approx(1.0)
+    assert ssrl.answer_reward(block(T, "x") + " paris", "paris") == 0.0  # no answer block
 
 
 # --- EM normalisation ---
 
 def test_normalize_and_exact_match():
-    assert ssrl.normalize_answer("  The Eiffel   Tower! ") == "eiffel tower"  # lower, drop "the" and "!", squeeze
+    assert ssrl.normalize_answer("  The Eiffel   Tower! ") == "eiffel tower"
     assert ssrl.normalize_answer("an apple, a pear") == "apple pear"
     assert ssrl.normalize_answer("a3 b7") == "a3 b7"  # "a" is dropped only as a whole word
     assert ssrl.exact_match(" C12 ", "c12") == 1.0
     assert ssrl.exact_match("c1", "c12") == 0.0
-    assert ssrl.extract_answer("<answer>x</answer><answer> y </answer>") == " y "  # the last answer block counts
+    assert ssrl.extract_answer("<answer>x</answer><answer> y </answer>") == " y "  # the last one
+    assert ssrl.extract_answer("<answer>x") is None
 
 
 # --- pass@k ---
@@ -72,11 +105,12 @@ def test_normalize_and_exact_match():
 def test_pass_at_k_hand_value():
     # n = 4, c = 1, k = 2: 1 − C(3, 2) / C(4, 2) = 1 − 3/6 = 0.5
     assert ssrl.pass_at_k(4, 1, 2) == pytest.approx(0.5)
-    assert ssrl.pass_at_k(5, 0, 3) == 0.0 and ssrl.pass_at_k(5, 3, 3) == 1.0  # n − c < k: every 3-subset hits
+    assert ssrl.pass_at_k(5, 0, 3) == 0.0
+    assert ssrl.pass_at_k(5, 3, 3) == 1.0  # n − c < k: every 3-subset holds a hit
 
 
 def test_pass_at_k_equals_brute_force_over_subsets():
-    for n in range(1, 8):
+    for n in range(1, 7):
         for c in range(n + 1):
             samples = [True] * c + [False] * (n - c)
             for k in range(1, n + 1):
@@ -87,23 +121,103 @@ def test_pass_at_k_equals_brute_force_over_subsets():
 
 # --- information mask ---
 
-def test_information_mask_two_blocks():
-    o, c = 7, 8  # <information>, </information>
-    ids = torch.tensor([[1, o, 2, 3, c, 4, o, 5, c, 6],
-                        [o, c, 1, 2, 3, 4, 5, 6, 6, o]])  # second row: an empty block, then one left open
+O_ID = 7  # <information>
+C_ID = 8  # </information>
+
+
+def mask_loop(row):
+    """The plain scan: inside from an open tag through its close tag; a stray close closes nothing."""
+    out = []
+    inside = False
+    for t in row:
+        if t == O_ID:
+            inside = True
+            out.append(True)
+        elif t == C_ID:
+            out.append(inside)
+            inside = False
+        else:
+            out.append(inside)
+    return out
+
+
+def test_information_mask_two_blocks_and_an_open_one():
+    ids = torch.tensor([[1, O_ID, 2, 3, C_ID, 4, O_ID, 5, C_ID, 6],
+                        [O_ID, C_ID, 1, 2, 3, 4, 5, 6, 6, O_ID]])
     expected = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 0],
                              [1, 1, 0, 0, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
-    assert torch.equal(ssrl.information_mask(ids, o, c), expected)
+    assert torch.equal(ssrl.information_mask(ids, O_ID, C_ID), expected)
+
+
+def test_information_mask_after_a_stray_or_doubled_close():
+    # the v1 bug: [c, 1, o, 2, c, 3] gave 000000; the stray close closes nothing: 001110
+    ids = torch.tensor([[C_ID, 1, O_ID, 2, C_ID, 3]])
+    assert ssrl.information_mask(ids, O_ID, C_ID).int().tolist() == [[0, 0, 1, 1, 1, 0]]
+    # a doubled close, then another block: o 1 c c 2 o 3 c → 1 1 1 0 0 1 1 1
+    ids = torch.tensor([[O_ID, 1, C_ID, C_ID, 2, O_ID, 3, C_ID]])
+    assert ssrl.information_mask(ids, O_ID, C_ID).int().tolist() == [[1, 1, 1, 0, 0, 1, 1, 1]]
+    # two opens, one close: all inside
+    ids = torch.tensor([[O_ID, 1, O_ID, 2, C_ID, 5]])
+    assert ssrl.information_mask(ids, O_ID, C_ID).int().tolist() == [[1, 1, 1, 1, 1, 0]]
+
+
+def test_information_mask_equals_the_plain_scan():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (64, 12), generator=g)
+    expected = torch.tensor([mask_loop(row) for row in ids.tolist()])
+    assert torch.equal(ssrl.information_mask(ids, O_ID, C_ID), expected)
+    with pytest.raises(ValueError):
+        ssrl.information_mask(ids[0], O_ID, C_ID)
 
 
 def test_masked_information_tokens_get_no_gradient():
-    o, c = 7, 8
-    ids = torch.tensor([[1, o, 2, c, 4]])
-    mask = (~ssrl.information_mask(ids, o, c)).float()  # m_t = 0 on tokens 1..3
+    ids = torch.tensor([[1, O_ID, 2, C_ID, 4]])
+    mask = (~ssrl.information_mask(ids, O_ID, C_ID)).float()  # m_t = 0 on tokens 1..3
     logp = torch.full((1, 5), -1.0, requires_grad=True)
-    loss, _ = ssrl.grpo_loss(logp, logp.detach(), torch.full((1, 5), -1.2), mask, torch.tensor([1.0]))
+    loss, _ = ssrl.grpo_loss(logp, logp.detach(), torch.full((1, 5), -1.2), mask,
+                             torch.tensor([1.0]))
     loss.backward()
-    assert torch.all(logp.grad[0, 1:4] == 0) and torch.all(logp.grad[0, [0, 4]] != 0)
+    assert torch.all(logp.grad[0, 1:4] == 0)
+    assert torch.all(logp.grad[0, [0, 4]] != 0)
+
+
+# --- plan accuracy (strict) ---
+
+VERBS = ssrl.VERBS
+
+
+def hop(subject, rel, obj):
+    return block(S, f" {subject} {rel}") + block(I, f" {subject} {VERBS[rel]} {obj}")
+
+
+def test_plan_is_correct_strict():
+    chain = ("employer", "hq", "country")
+    right = block(T, "e") + hop("a1 b2", "employer", "e3") + hop("e3", "hq", "c4") \
+        + hop("c4", "country", "k1") + block(T, "done") + block(A, "k1")
+    assert ssrl.plan_is_correct(right, "a1 b2", chain, VERBS)
+    # the chain on a wrongly recalled entity is still the right plan (e9 is then queried)
+    wrong_fact = hop("a1 b2", "employer", "e9") + hop("e9", "hq", "c4") + hop("c4", "country", "k1")
+    assert ssrl.plan_is_correct(wrong_fact, "a1 b2", chain, VERBS)
+    cases = {
+        "second query not on the recalled entity": hop("a1 b2", "employer", "e3")
+        + hop("e4", "hq", "c4") + hop("c4", "country", "k1"),
+        "first query on another person": hop("a1 b3", "employer", "e3") + hop("e3", "hq", "c4")
+        + hop("c4", "country", "k1"),
+        "wrong relation": hop("a1 b2", "city", "c3") + hop("c3", "hq", "c4")
+        + hop("c4", "country", "k1"),
+        "a hop short": hop("a1 b2", "employer", "e3") + hop("e3", "hq", "c4"),
+        "a hop too many": hop("a1 b2", "employer", "e3") + hop("e3", "hq", "c4")
+        + hop("c4", "country", "k1") + hop("k1", "country", "k1"),
+        "a query without information": hop("a1 b2", "employer", "e3") + hop("e3", "hq", "c4")
+        + hop("c4", "country", "k1") + block(S, " x country"),
+        "information with a wrong verb": block(S, " a1 b2 employer") + block(I, " a1 b2 lives in e3")
+        + hop("e3", "hq", "c4") + hop("c4", "country", "k1"),
+        "information without an object": block(S, " a1 b2 employer") + block(I, " a1 b2 works at")
+        + hop("e3", "hq", "c4") + hop("c4", "country", "k1"),
+    }
+    for name, text in cases.items():
+        assert not ssrl.plan_is_correct(text, "a1 b2", chain, VERBS), name
+    assert ssrl.plan_is_correct(hop("a1 b2", "city", "c1 x"), "a1 b2", ("city",), VERBS)
 
 
 # --- GRPO ---
@@ -111,8 +225,8 @@ def test_masked_information_tokens_get_no_gradient():
 def test_grpo_ratio_one_centred_advantages_loss_zero_gradient_not_zero():
     # ρ = 1, ref = π: pg = −Â per token; token-mean over 6 tokens: (−1·3 + 1·3)/6 = 0; KL = 0
     logp = torch.full((2, 3), -0.5, requires_grad=True)
-    adv = ssrl.group_normalize(torch.tensor([[1.0, 0.0]])).reshape(2)  # (1 − 0.5)/(0.7071 + 1e-6) = ±0.7071
-    loss, terms = ssrl.grpo_loss(logp, logp.detach(), logp.detach(), torch.ones(2, 3), adv)
+    adv = ssrl.group_normalize(torch.tensor([[1.0, 0.0]])).reshape(2)  # ±0.7071
+    loss, _ = ssrl.grpo_loss(logp, logp.detach(), logp.detach(), torch.ones(2, 3), adv)
     torch.testing.assert_close(loss, torch.tensor(0.0))
     loss.backward()
     # ∂/∂logp_t of −Â ρ_t / 6 at ρ = 1 is −Â/6 = ∓0.11785
@@ -120,85 +234,372 @@ def test_grpo_ratio_one_centred_advantages_loss_zero_gradient_not_zero():
 
 
 def test_grpo_clip_stops_the_gradient():
-    # ρ = e^0.4 = 1.492 > 1.2 with Â = 1: max(−1.492, −1.2) = −1.2, a constant: gradient 0, clip_frac 1
+    # ρ = e^0.4 = 1.492 > 1.2 with Â = 1: max(−1.492, −1.2) = −1.2, a constant: gradient 0
     logp = torch.tensor([[0.4]], requires_grad=True)
-    loss, terms = ssrl.grpo_loss(logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1), torch.tensor([1.0]))
+    loss, terms = ssrl.grpo_loss(logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1),
+                                 torch.tensor([1.0]))
     torch.testing.assert_close(loss, torch.tensor(-1.2))
     loss.backward()
-    assert logp.grad.abs().item() == 0 and terms["clip_frac"].item() == 1.0
+    assert logp.grad.abs().item() == 0
+    assert terms["clip_frac"].item() == 1.0
 
 
-# --- the toy ---
+# --- the toy world ---
 
-def toy():
-    cfg = ssrl.Config(n_people=30, n_traj=5, n_heldout=5)
-    rows = [dict(r) for r in ssrl.synthetic_rows(cfg, random.Random(0))]
-    kb = ssrl.KB(rows)
-    words = {w for r in rows for col in ssrl.COLUMNS for w in r[col].split()} | set(ssrl.FILLER) | set(ssrl.RELATIONS)
-    return kb, ssrl.Tokenizer(sorted(words)), rows
+def small_world():
+    """Two people, hand-made so that no wrong plan lands on a right answer by chance."""
+    triples = [("a0 b0", "city", "c0"), ("a0 b0", "employer", "e0"), ("e0", "hq", "c1"),
+               ("c0", "country", "k0"), ("c1", "country", "k1"),
+               ("a0 b1", "city", "c1"), ("a0 b1", "employer", "e1"), ("e1", "hq", "c0")]
+    kb = ssrl.KB(triples)
+    words = set(ssrl.FILLER) | set(ssrl.TEMPLATES) | set(ssrl.VERBS)
+    for s, r, o in triples:
+        words |= set(s.split()) | set(o.split()) | set(ssrl.VERBS[r].split())
+    return kb, ssrl.Tokenizer(sorted(words))
 
 
-def test_every_word_is_one_token_and_trajectories_earn_full_reward():
-    kb, tok, rows = toy()
-    person = rows[0]["person"]
-    assert len(tok.encode(" " + person)) == 2  # two-token names
-    for rel in ssrl.RELATIONS:
-        text = ssrl.trajectory_text(kb, person, rel)
-        assert tok.decode(tok.encode(text)) == text
-        assert ssrl.reward(text, kb.gold(person, rel)) == pytest.approx(1.0)  # 0.9 · 1 + 0.1 · 1
-    assert kb.gold(person, "country") == rows[0]["country"]  # two hops: person → city → country
-    assert kb.search(f" {person} city ") == f"{person} lives in {rows[0]['city']}"
+def test_world_gold_search_and_trajectories():
+    kb, tok = small_world()
+    assert kb.gold("a0 b0", "country") == "k0"  # a0 b0 → c0 → k0
+    assert kb.gold("a0 b0", "employer country") == "k1"  # a0 b0 → e0 → c1 → k1
+    assert kb.gold("a0 b1", "employer country") == "k0"  # a0 b1 → e1 → c0 → k0
+    assert kb.search(" a0 b0 city ") == "a0 b0 lives in c0"
+    assert kb.search("e0 hq") == "e0 is based in c1"
     assert kb.search("nobody city") == "no result"
+    assert kb.search("") == "no result"
+    assert ssrl.people_of(kb) == ["a0 b0", "a0 b1"]
+    for template, chain in ssrl.TEMPLATES.items():
+        text = ssrl.trajectory_text(kb, "a0 b0", chain)
+        assert tok.decode(tok.encode(text)) == text
+        assert ssrl.answer_reward(text, kb.gold("a0 b0", template)) == pytest.approx(1.0)
+        assert ssrl.plan_is_correct(text, "a0 b0", chain, VERBS)
+        for other in ssrl.PLANS:
+            if other != chain:
+                wrong = ssrl.trajectory_text(kb, "a0 b0", other)
+                assert not ssrl.plan_is_correct(wrong, "a0 b0", chain, VERBS)
+    assert len(tok.encode(" a0 b0")) == 2  # two-token names
 
 
-def test_sim_to_real_pastes_the_lookup_after_search():
-    kb, tok, rows = toy()
-    torch.manual_seed(0)
-    model = ssrl.GPT(len(tok.raw), 16, 1, 2, 192)
-    # make the model always write "<search>": then "</search>" closes an empty query; after every "</search>"
-    # the next tokens must be the forced "<information> no result</information>"
-    with torch.no_grad():
-        model.tok.weight.zero_()
-        model.tok.weight[tok.special["</search>"]] = 1.0
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.fill_(1.0)  # logits = 1 · E: only "</search>" scores 16, the rest 0
-    prompts = [tok.encode("<s> city of " + rows[0]["person"] + " ?")] * 2
-    seq, valid, Lp = ssrl.generate(model, prompts, 20, tok, torch.device("cpu"), temperature=0,
-                                   search=lambda q: kb.search(q))
-    text = ssrl.decode_responses(tok, seq, valid, Lp)[0]
-    assert text.startswith("</search><information> no result</information></search>"), text
+def test_pretraining_pool_and_demo_sampling():
+    kb, tok = small_world()
+    pool = ssrl.pretraining_pool(kb, tok, ["a0 b0"])
+    assert len(pool.bios) == len(kb.facts)
+    assert tok.decode(pool.bios[0]) == ssrl.bio_text(kb, *sorted(kb.facts)[0])
+    # demos[template][plan]: a right-chain demo ends with the gold answer
+    right = ssrl.PLANS.index(ssrl.TEMPLATES["country"])
+    text = tok.decode(pool.demos["country"][right][0])
+    assert text.startswith("<s> country of a0 b0 ?<think>") and text.endswith("<answer> k0</answer>")
+    rng = random.Random(0)
+    picks = [ssrl.sample_demo(pool, "country", 0.3, rng) for _ in range(4000)]
+    share = sum(p == pool.demos["country"][right][0] for p in picks) / len(picks)
+    assert abs(share - 0.3) < 0.03
+    others = [tok.decode(p) for p in picks if p != pool.demos["country"][right][0]]
+    plan_counts = [sum(o == tok.decode(pool.demos["country"][j][0]) for o in others)
+                   for j in range(len(ssrl.PLANS)) if j != right]
+    assert min(plan_counts) > 0.2 * len(others)  # the four other plans, about a quarter each
+    assert all(ssrl.sample_demo(pool, "city", 1.0, rng) == pool.demos["city"][0][0]
+               for _ in range(20))
+    packed = [ssrl.sample_packed_bios(pool, 3, 99, rng) for _ in range(300)]
+    assert all(p[0] == 99 for p in packed)
+    lengths = {len(p) - 1 for p in packed}
+    assert min(lengths) >= min(len(b) for b in pool.bios)
+    assert max(lengths) <= 3 * max(len(b) for b in pool.bios)
+    assert max(lengths) > 2 * max(len(b) for b in pool.bios)
 
 
-# --- the KV-cache sampler passes the right positions and masks ---
+def test_stale_world_moves_the_fraction_and_keeps_the_rest():
+    kb, _ = small_world()
+    stale, n = ssrl.stale_kb(kb, ["a0 b0", "a0 b1"], 0.5, random.Random(0))
+    assert n == 1
+    changed = [p for p in ("a0 b0", "a0 b1") if stale.facts[(p, "city")] != kb.facts[(p, "city")]]
+    assert len(changed) == 1
+    assert {k: v for k, v in stale.facts.items() if k[0] not in changed} == \
+        {k: v for k, v in kb.facts.items() if k[0] not in changed}
+
+
+# --- evaluation of a model whose answers are fixed by hand ---
+
+
+class Scripted(nn.Module):
+    """Writes a fixed response per prompt: logit 50 on the scripted next token, 0 elsewhere."""
+
+    def __init__(self, vocab, script, pad):
+        super().__init__()
+        self.vocab = vocab
+        self.script = script  # prompt ids (tuple, without padding) → response ids
+        self.pad = pad
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def new_cache(self, B, T, device):
+        return {"rows": None, "Lp": None}
+
+    def forward(self, idx, pos=None, attn_mask=None, cache=None, start=0):
+        B, T = idx.shape
+        if start == 0:
+            cache["rows"] = [tuple(t for t in row if t != self.pad) for row in idx.tolist()]
+            cache["Lp"] = T
+        logits = torch.zeros(B, T, self.vocab)
+        at = start + T - cache["Lp"]  # index of the response token to write next
+        for i, row in enumerate(cache["rows"]):
+            response = self.script[row]
+            logits[i, -1, response[min(at, len(response) - 1)]] = 50.0
+        return logits
+
+
+def scripted_model(kb, tok, responses):
+    """responses: (person, template) → response text."""
+    script = {}
+    for (person, template), text in responses.items():
+        prompt = tuple(tok.encode("<s> " + ssrl.prompt_text(person, template)))
+        script[prompt] = tok.encode(text)
+    return Scripted(len(tok.raw), script, tok.special["<pad>"])
+
+
+def fixed_responses(kb):
+    """a0 b0: the right plan for every template; a0 b1: the right plan for city only, the
+    employer chain for every other template, and a wrongly recalled employer (e0 instead of e1)."""
+    out = {}
+    for template, chain in ssrl.TEMPLATES.items():
+        out[("a0 b0", template)] = ssrl.trajectory_text(kb, "a0 b0", chain)
+    out[("a0 b1", "city")] = ssrl.trajectory_text(kb, "a0 b1", ("city",))
+    wrong = block(T, " employer") + hop("a0 b1", "employer", "e0") + block(T, " done") \
+        + block(A, " e0")
+    for template in ("employer", "country", "employer country"):
+        out[("a0 b1", template)] = wrong
+    return out
+
+
+def test_evaluate_a_model_with_fixed_answers():
+    kb, tok = small_world()
+    model = scripted_model(kb, tok, fixed_responses(kb))
+    cfg = ssrl.Config(n_samples=3, max_new=60)
+    out = ssrl.evaluate(model, kb, ["a0 b0", "a0 b1"], ["a0 b0", "a0 b1"], cfg, tok,
+                        torch.device("cpu"))
+    # 8 questions: a0 b0 all right (4), a0 b1 city right (1): 5/8 at every k
+    for k in ("1", "2", "3"):
+        assert out["pass_at_k"][k] == pytest.approx(5 / 8)
+    assert out["greedy_em"] == pytest.approx(5 / 8)
+    # plan: a0 b1's employer question uses the right chain on a wrong fact: 6/8
+    assert out["plan_accuracy"] == pytest.approx(6 / 8)
+    assert out["greedy_plan_accuracy"] == pytest.approx(6 / 8)
+    assert out["copy"] == 1.0
+    assert out["format_rate"] == 1.0
+    # hops written: a0 b0 1+1+2+3 = 7 true; a0 b1 city 1 true, 3 × employer e0 false: 8 / 11
+    assert out["info_fidelity"] == pytest.approx(8 / 11)
+    assert out["hop_recall"] == {"city": 1.0, "country": 1.0, "employer": pytest.approx(2 / 5),
+                                 "hq": 1.0}
+    assert out["answer_follows_information"] == 1.0
+    assert out["by_template"]["city"] == {"pass_at_1": 1.0, "plan_accuracy": 1.0, "greedy_em": 1.0}
+    assert out["by_template"]["employer"]["plan_accuracy"] == 1.0
+    assert out["by_template"]["employer"]["pass_at_1"] == 0.5
+    assert out["by_template"]["country"]["plan_accuracy"] == 0.5
+    assert out["by_template"]["employer country"]["greedy_em"] == 0.5
+
+
+def test_summarize_pass_at_k_counts_hits_per_question():
+    kb, _ = small_world()
+    questions = [("a0 b0", "city"), ("a0 b1", "city")]
+    right = ssrl.score_response(ssrl.trajectory_text(kb, "a0 b0", ("city",)), kb, "a0 b0", "city")
+    wrong = ssrl.score_response(block(T, "x") + block(A, "c9"), kb, "a0 b1", "city")
+    assert right["em"] and right["plan"] and right["copy"] and right["format"]
+    assert not (wrong["em"] or wrong["plan"] or wrong["copy"] or wrong["format"])
+    assert wrong["follows"] is None
+    # question 1: 1 of 2 right; question 2: 0 of 2. pass@1 = (0.5 + 0) / 2, pass@2 = (1 + 0) / 2
+    out = ssrl.summarize([right, wrong, wrong, wrong], questions, 2)
+    assert out["pass_at_k"] == {"1": 0.25, "2": 0.5}
+    assert out["by_template"]["city"]["pass_at_1"] == 0.25
+    assert out["by_template"]["country"]["pass_at_1"] is None
+    with pytest.raises(ValueError):
+        ssrl.summarize([right], questions, 2)
+    lies = ssrl.score_response(hop("a0 b1", "city", "c1") + block(A, " c0"), kb, "a0 b1", "city")
+    assert lies["follows"] is False and lies["em"] is False and lies["hops"] == [("city", True)]
+
+
+def test_sim_to_real_pastes_the_lookup():
+    kb, tok = small_world()
+    # a0 b1 writes a false fact (e0); the real lookup pastes e1 and the answer copies ... the
+    # scripted answer stays e0, so EM stays 0; with the right chain for a0 b0 both are right
+    responses = fixed_responses(kb)
+    model = scripted_model(kb, tok, responses)
+    questions = [("a0 b0", "employer"), ("a0 b1", "employer")]
+    out = ssrl.sim_to_real(model, kb, questions, 2, tok, torch.device("cpu"), 60)
+    assert out["em_self"] == 0.5
+    assert out["em_real"] == 0.5
+    assert out["info_fidelity_self"] == 0.5
+    real = ssrl.sample_scores(model, kb, questions, 1, tok, torch.device("cpu"), 60,
+                              search=kb.search)
+    assert real[1]["hops"] == [("employer", True)]  # the pasted block is the true fact
+    assert real[1]["follows"] is False
+
+
+def test_hop_recall_gate_reads_the_information_block():
+    kb, tok = small_world()
+    script = {}
+    for (s, r) in kb.facts:
+        prompt = "<s>" + ssrl.bio_text(kb, s, r).split("<information>")[0] + "<information>"
+        obj = kb.facts[(s, r)] if s != "e1" else "c1"  # e1's HQ recalled wrong
+        script[tuple(tok.encode(prompt))] = tok.encode(f" {s} {VERBS[r]} {obj}</information>")
+    model = Scripted(len(tok.raw), script, tok.special["<pad>"])
+    overall, by_rel = ssrl.hop_recall_gate(model, kb, {"a0 b0", "e0", "e1"}, tok,
+                                           torch.device("cpu"))
+    # a0 b0: city, employer right; e0 hq right; e1 hq wrong: 3/4
+    assert overall == 0.75
+    assert by_rel == {"city": 1.0, "employer": 1.0, "hq": 0.5}
+
+
+# --- the KV-cache sampler, pretraining and GRPO steps ---
 
 
 def test_kv_cache_decoding_equals_the_full_forward_with_left_padding():
     torch.manual_seed(0)
     model = ssrl.GPT(30, 16, 2, 2, 32).eval()
-    ids, valid = torch.randint(0, 30, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    ids = torch.randint(0, 30, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.bool)
     valid[1, :3] = False  # row 1 is left-padded: its first real token is at position 0
     pos = ssrl.positions(valid)  # row 1: 0 0 0 0 1 2 ...
+    assert pos[1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5]
     with torch.no_grad():
         full = model(ids, pos, ssrl.full_mask(valid))  # (2, 9, V)
         cache = model.new_cache(2, 9, "cpu")
         steps = [model(ids[:, :5], pos[:, :5], ssrl.full_mask(valid[:, :5]), cache, 0)]
-        steps += [model(ids[:, t:t + 1], pos[:, t:t + 1], valid[:, None, None, :t + 1], cache, t) for t in range(5, 9)]
+        for t in range(5, 9):
+            steps.append(model(ids[:, t:t + 1], pos[:, t:t + 1], valid[:, None, None, :t + 1],
+                               cache, t))
     inc = torch.cat(steps, 1)
     torch.testing.assert_close(inc[0], full[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)  # padded query rows are never used
+    torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
+
+
+def test_generate_and_response_logp_agree_with_the_full_forward():
+    kb, tok = small_world()
+    torch.manual_seed(0)
+    model = ssrl.GPT(len(tok.raw), 16, 1, 2, 96).eval()
+    prompts = [tok.encode("<s> city of a0 b0 ?"), tok.encode("<s> employer country of a0 b1 ?")]
+    rollout = ssrl.generate(model, prompts, 6, tok, torch.device("cpu"), temperature=0)
+    assert rollout.Lp == len(prompts[1])
+    assert rollout.valid[0, :rollout.Lp].sum() == len(prompts[0])
+    logp = ssrl.response_logp(model, rollout, torch.device("cpu"))  # (2, T)
+    # greedy: each generated token is the argmax, so its log-prob is the row's max log-prob
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt + rollout.seq[i, rollout.Lp:].tolist()])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids[:, :-1]), -1)[0, len(prompt) - 1:]  # (T, V)
+        torch.testing.assert_close(logp[i], lp.max(-1).values, atol=1e-5, rtol=0)
+        assert ids[0, len(prompt):].tolist() == lp.argmax(-1).tolist()
+
+
+def test_pretraining_lowers_the_loss():
+    kb, tok = small_world()
+    pool = ssrl.pretraining_pool(kb, tok, ["a0 b0"])
+    torch.manual_seed(0)
+    model = ssrl.GPT(len(tok.raw), 32, 1, 2, 96)
+    cfg = ssrl.Config(pretrain_steps=60, bio_batch=8, traj_batch=4, pack=2, pretrain_lr=3e-3)
+    seqs = pool.bios + [d for plans in pool.demos.values() for ds in plans for d in ds]
+    ids, valid = ssrl.pad_batch(seqs, tok.special["<pad>"], "cpu")
+
+    def nll():
+        with torch.no_grad():
+            logits = model(ids[:, :-1])
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:],
+                                                   reduction="none")
+        return float((losses * valid[:, 1:]).sum() / valid[:, 1:].sum())
+
+    before = nll()
+    ssrl.pretrain(model, pool, cfg, torch.device("cpu"), tok, random.Random(0))
+    assert nll() < 0.5 * before
+
+
+def fixed_rollout(tok, prompts, texts):
+    """Prompts (all one length) followed by texts[i % len(texts)], right-padded."""
+    rows = [p + tok.encode(texts[i % len(texts)]) for i, p in enumerate(prompts)]
+    ids, valid = ssrl.pad_batch(rows, tok.special["<pad>"], "cpu")
+    return ssrl.Rollout(ids, valid, len(prompts[0]))
+
+
+@pytest.mark.parametrize("info_mask", [True, False])
+def test_one_grpo_step(monkeypatch, info_mask):
+    """The rollout is fixed: in each group of 8, the right trajectory (r = 0.9 + 0.1 = 1.0) and a
+    wrong direct answer (r = 0 + 0.1 · 0.5 = 0.05) alternate. GRPO must get Â = ±0.475 / std,
+    the information tokens masked out when asked, and a step that raises Σ_i Â_i log π(y_i)."""
+    kb, tok = small_world()
+    torch.manual_seed(0)
+    model = ssrl.GPT(len(tok.raw), 16, 1, 2, 96)
+    ref = ssrl.GPT(len(tok.raw), 16, 1, 2, 96)
+    ref.load_state_dict(model.state_dict())
+    ref.requires_grad_(False)
+    right = ssrl.trajectory_text(kb, "a0 b0", ("city",))
+    wrong = block(T, " done") + block(A, " c1")
+    rollouts = []
+    calls = []
+
+    def fake_generate(model_, prompts, *args, **kwargs):
+        rollouts.append(fixed_rollout(tok, prompts, [right, wrong]))
+        return rollouts[-1]
+
+    real_loss = ssrl.grpo_loss
+
+    def recording_loss(logp, old_logp, ref_logp, mask, adv, **kwargs):
+        calls.append((logp.detach().clone(), old_logp, ref_logp, mask, adv, kwargs))
+        return real_loss(logp, old_logp, ref_logp, mask, adv, **kwargs)
+
+    monkeypatch.setattr(ssrl, "generate", fake_generate)
+    monkeypatch.setattr(ssrl, "grpo_loss", recording_loss)
+    cfg = ssrl.Config(steps=1, prompts_per_step=2, group=8, max_new=30, rl_lr=1e-3, log_every=1,
+                      clip_eps=0.3, kl_coef=0.01)
+    history = ssrl.ssrl(model, ref, kb, [("a0 b0", "city")], cfg, tok, torch.device("cpu"),
+                        info_mask, random.Random(0))
+    assert history[0]["reward"] == pytest.approx((1.0 + 0.05) / 2)
+    rollout = rollouts[0]
+    logp, old_logp, ref_logp, mask, adv, kwargs = calls[0]
+    assert kwargs == {"clip_eps": 0.3, "kl_coef": 0.01}
+    # Â: mean 0.525, unbiased std of four 1.0 and four 0.05 = 0.475 · sqrt(8/7) = 0.50780
+    expected = torch.tensor([1.0, -1.0] * 8) * 0.475 / (0.475 * (8 / 7) ** 0.5 + 1e-6)
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(old_logp, logp)
+    torch.testing.assert_close(ref_logp, logp)  # the first step starts at the reference
+    resp = rollout.seq[:, rollout.Lp:]
+    valid = rollout.valid[:, rollout.Lp:]
+    inside = ssrl.information_mask(resp, tok.special["<information>"],
+                                   tok.special["</information>"])
+    assert inside[0].sum() == len(tok.encode(" a0 b0 lives in c0")) + 2
+    expected_mask = (valid & ~inside) if info_mask else valid
+    assert torch.equal(mask, expected_mask.float())
+    with torch.no_grad():
+        before = (ssrl.response_logp(ref, rollout, torch.device("cpu")) * mask).sum(1)
+        after = (ssrl.response_logp(model, rollout, torch.device("cpu")) * mask).sum(1)
+    assert float((adv * (after - before)).sum()) > 0
 
 
 def test_main_smoke_writes_the_issue_keys(tmp_path):
     ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
-    arms = json.loads((tmp_path / "results.json").read_text())["arms"]
-    for arm in ("before_rl", "after_rl"):
-        assert list(arms[arm]["pass_at_k"]) == [str(k) for k in range(1, 5)]  # smoke: n_samples = 4
-        assert {"format_rate", "info_fidelity"} <= set(arms[arm])
-    assert {"em_self", "em_real"} <= set(arms["sim2real"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == [0]
+    assert {"hop_recall", "copy"} <= set(results["gate"])
+    for arm in ("before_rl", "after_rl", "after_rl_mask_off"):
+        for group in ("heldout", "rl_people"):
+            block_ = results["arms"][arm][group]
+            assert list(block_["pass_at_k"]) == ["1", "2", "3", "4"]  # smoke: n_samples = 4
+            assert {"greedy_em", "plan_accuracy", "by_template"} <= set(block_)
+            assert set(block_["by_template"]) == set(ssrl.TEMPLATES)
+    assert {"em_self", "em_real"} <= set(results["sim_to_real"]["after_rl"])
+    assert "moved_people" in results["sim_to_real"]["after_rl_stale_world"]
+    assert (tmp_path / "ssrl.png").exists()
 
 
 def test_bad_values_exit_2(capsys):
-    for argv in (["--group", "1"], ["--stale-frac", "2"], ["--n-traj", "300", "--n-heldout", "100"]):
+    for argv in (["--group", "1"], ["--stale-frac", "2"], ["--n-traj", "300", "--n-heldout", "100"],
+                 ["--demo-right", "1.5"]):
         with pytest.raises(SystemExit) as e:
             ssrl.main(argv)
         assert e.value.code == 2
+
+
+def test_user_data_with_a_missing_hop_is_one_line(tmp_path, capsys):
+    data = tmp_path / "world.jsonl"
+    rows = [{"subject": "ann", "relation": "city", "object": "rome"},
+            {"subject": "ann", "relation": "employer", "object": "acme"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(SystemExit) as e:
+        ssrl.main(["--data", str(data), "--smoke", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "no fact" in capsys.readouterr().err
