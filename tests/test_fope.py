@@ -1,4 +1,6 @@
-"""Tests for fope.py: hand-computed values, RoPE/FoPE invariants, ALiBi slopes, slot contributions, data."""
+"""Tests for fope.py: hand-computed RoPE / FoPE / ALiBi values, the floor comparison, the corpus, the
+loss, the positional-head score and ablation, evaluation of models whose answers are fixed, a run."""
+import dataclasses
 import json
 import math
 import os
@@ -13,42 +15,121 @@ import fope  # noqa: E402
 
 
 def logit(pe, q, k, m, n):
-    # q at position m, k at position n (one head, one vector each), logit after the position method
+    # q at position m, k at position n (one head, one vector each): the logit after the method
     qm = pe(q.view(1, 1, 1, -1), torch.tensor([m]))
     kn = pe(k.view(1, 1, 1, -1), torch.tensor([n]))
     return (qm * kn).sum()
 
 
+def tiny_cfg(**kw):
+    base = dict(d_model=16, n_layers=2, n_heads=2, train_len=32, n_keys=2, values_per_key=4,
+                vocab_filler=8, successors=2, steps=40, batch=8, lr=1e-2, log_every=1000,
+                head_len=64, eval_lens="32")
+    base.update(kw)
+    return fope.Config(**base)
+
+
+# --- RoPE ---
+
 def test_rope_hand_value():
-    # d = 4: ω = [10000^0, 10000^(−2/4)] = [1, 0.01]; slot 0 pairs dims 0 and 2.
-    # x = [1, 0, 0, 0] at n = 1: x' = x·cos + rotate_half(x)·sin, rotate_half(x) = [−x2, −x3, x0, x1] = [0, 0, 1, 0]
-    # → x' = [cos 1, 0, sin 1, 0] = [0.5403, 0, 0.8415, 0]
+    # d = 4: ω = [1, 10000^(−1/2)] = [1, 0.01]; slot 0 pairs dims 0 and 2.
+    # x = [1, 0, 0, 0] at n = 1: x' = [x0 cos1 − x2 sin1, ., x2 cos1 + x0 sin1, .] = [cos1, 0, sin1, 0]
     out = fope.RoPE(4)(torch.tensor([1.0, 0, 0, 0]).view(1, 1, 1, 4), torch.tensor([1]))
     assert_close(out.view(4), torch.tensor([math.cos(1.0), 0.0, math.sin(1.0), 0.0]))
+    # x = [0, 1, 0, 1] at n = 100: slot 1 turns by 100·0.01 = 1 rad: [0, cos1 − sin1, 0, cos1 + sin1]
+    out = fope.RoPE(4)(torch.tensor([0.0, 1, 0, 1]).view(1, 1, 1, 4), torch.tensor([100]))
+    c = math.cos(1.0)
+    s = math.sin(1.0)
+    assert_close(out.view(4), torch.tensor([0.0, c - s, 0.0, c + s]))
 
 
-def test_rope_relative():
+def test_rope_relative_and_shape_check():
     torch.manual_seed(0)
-    pe, q, k = fope.RoPE(32), torch.randn(32), torch.randn(32)
+    pe = fope.RoPE(32)
+    q = torch.randn(32)
+    k = torch.randn(32)
     for m, n, c in [(5, 2, 7), (40, 3, 100), (9, 9, 33)]:
         assert_close(logit(pe, q, k, m, n), logit(pe, q, k, m + c, n + c), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(logit(pe, q, k, 5, 2), logit(pe, q, k, 5, 3))  # it does depend on m − n
+    assert not torch.allclose(logit(pe, q, k, 5, 2), logit(pe, q, k, 5, 3))
+    with pytest.raises(ValueError):
+        pe(torch.randn(1, 1, 3, 32), torch.arange(3)[:, None])  # (T, 1) where (T,) is meant
+
+
+# --- FoPE ---
+
+def test_fope_rotate_hand_value_with_non_identity_coefficients():
+    # d = 8 (slots 0..3), K = 2 frequencies ω = [1, 0.5], d' = 2 rotating slots, one head, n = 1.
+    # A_sin = [[1, 0.5], [0.25, 1]], A_cos = [[1, 0], [0.5, 2]] (rows k, columns j):
+    # S_0 = sin1·1 + sin0.5·0.25 = 0.961327,  S_1 = sin1·0.5 + sin0.5·1 = 0.900161
+    # C_0 = cos1·1 + cos0.5·0.5 = 0.979094,   C_1 = cos1·0 + cos0.5·2 = 1.755165
+    # slots 2, 3: S = C = 1.  x = [1..8]: x1 = [1, 2, 3, 4], x2 = [5, 6, 7, 8]
+    # x'[:4] = x1·C − x2·S = [0.979094 − 5·0.961327, 2·1.755165 − 6·0.900161, 3 − 7, 4 − 8]
+    # x'[4:] = x2·C + x1·S = [5·0.979094 + 0.961327, 6·1.755165 + 2·0.900161, 7 + 3, 8 + 4]
+    freqs = torch.tensor([1.0, 0.5])
+    sin_coef = torch.tensor([[[1.0, 0.5], [0.25, 1.0]]])
+    cos_coef = torch.tensor([[[1.0, 0.0], [0.5, 2.0]]])
+    x = torch.arange(1.0, 9.0).view(1, 1, 1, 8)
+    out = fope.fope_rotate(x, torch.tensor([1]), freqs, sin_coef, cos_coef)
+    expected = torch.tensor([-3.827543, -1.890636, -4.0, -4.0, 5.856795, 12.331313, 10.0, 12.0])
+    assert_close(out.view(8), expected, rtol=0, atol=1e-5)
+    # the same through the module, with its buffers replaced by these coefficients
+    module = fope.FoPE(8, 1, 1000, sigma=0.0)
+    module.freqs = freqs
+    module.sin_coef = sin_coef
+    module.cos_coef = cos_coef
+    assert_close(module(x, torch.tensor([1])).view(8), expected, rtol=0, atol=1e-5)
+
+
+def test_fope_rotate_checks_shapes():
+    freqs, sin_coef, cos_coef = fope.fope_tables(32, 2, 64)
+    x = torch.randn(1, 2, 5, 32)
+    with pytest.raises(ValueError):
+        fope.fope_rotate(x, torch.arange(5)[:, None], freqs, sin_coef, cos_coef)
+    with pytest.raises(ValueError):
+        fope.fope_rotate(torch.randn(1, 3, 5, 32), torch.arange(5), freqs, sin_coef, cos_coef)
+    with pytest.raises(ValueError):
+        fope.fope_rotate(x, torch.arange(5), freqs, sin_coef, cos_coef[:, :, :2])
 
 
 def test_fope_without_clip_and_noise_is_rope():
     torch.manual_seed(0)
-    x, pos = torch.randn(2, 4, 50, 32), torch.arange(50)
+    x = torch.randn(2, 4, 50, 32)
+    pos = torch.arange(50) * 3
     f = fope.FoPE(32, n_heads=4, train_len=64, sigma=0.0, clip_floor=False)
-    assert_close(f(x, pos), fope.RoPE(32)(x, pos), rtol=0, atol=1e-6)
-    assert_close(f(x), fope.RoPE(32)(x), rtol=0, atol=1e-6)  # the cached-table path too
+    assert_close(f(x, pos), fope.RoPE(32)(x, pos), rtol=0, atol=1e-5)
+    assert list(f.parameters()) == []  # coefficients are frozen buffers
 
 
-def test_kept_slots_hand_count():
-    # ω_k = 10000^(−k/16); floor 2π/64 = 0.0982: ω_4 = 10000^(−1/4) = 0.1 ≥ 0.0982, ω_5 = 10000^(−5/16) = 0.0562 < it
-    # → k = 0 … 4 kept: K = 5; d' = min(K, d/4) = min(5, 8) = 5
-    f = fope.FoPE(32, n_heads=4, train_len=64)
-    assert f.n_kept == 5 and f.n_out == 5
-    assert len(fope.kept_frequencies(32, 64, clip_floor=False)) == 16
+def test_floor_comparison_kept_slots():
+    # ω_k = 10000^(−k/16), floor 2π/L.  L = 64: 0.0982; ω_4 = 0.1 ≥ it, ω_5 = 0.0562 < it → K = 5
+    # L = 63: floor 0.0997, ω_4 = 0.1 still kept → K = 5;  L = 62: floor 0.1013 > 0.1 → K = 4
+    # L = 1000: floor 0.00628; ω_8 = 0.01 kept, ω_9 = 0.0056 not → K = 9
+    for train_len, k in [(64, 5), (63, 5), (62, 4), (1000, 9)]:
+        freqs, sin_coef, _ = fope.fope_tables(32, 2, train_len)
+        assert len(freqs) == k and sin_coef.shape == (2, k, min(k, 8))
+    # the floor is inclusive: at L = 2π the floor is 2π/2π = 1 = ω_0 exactly, which is kept
+    freqs, _, _ = fope.fope_tables(4, 1, 2 * math.pi, sigma=0.0)
+    assert_close(freqs, torch.tensor([1.0]))
+    freqs, sin_coef, _ = fope.fope_tables(32, 2, 64, clip_floor=False)
+    assert len(freqs) == 16 and sin_coef.shape == (2, 16, 16)
+
+
+def test_fope_identity_layout_and_noise_std():
+    # d = 16, L = 10000: ω_7 = 10000^(−7/8) = 3.2e-4 < 2π/10000 = 6.3e-4 → K = 7; d' = min(7, 4) = 4;
+    # the official identity: output j reads input j·⌈7/4⌉ = 2j → ones at (0,0), (2,1), (4,2), (6,3)
+    _, sin_coef, cos_coef = fope.fope_tables(16, 1, 10000, sigma=0.0)
+    eye = torch.zeros(7, 4)
+    eye[[0, 2, 4, 6], [0, 1, 2, 3]] = 1.0
+    assert_close(sin_coef[0], eye)
+    assert_close(cos_coef[0], eye)
+    # official xavier_normal_(gain σ) on (H, K, d') = (400, 5, 5): std = 0.3·√(2/(5·405)) = 0.009428
+    torch.manual_seed(0)
+    _, sin_coef, cos_coef = fope.fope_tables(32, 400, 64, sigma=0.3)
+    for coef in (sin_coef, cos_coef):
+        assert abs((coef - torch.eye(5)).std().item() / 0.009428 - 1) < 0.05
+    assert not torch.equal(sin_coef, cos_coef)  # separate matrices
+    _, sin_coef, _ = fope.fope_tables(32, 400, 64, sigma=0.3, noise_std=0.05)
+    assert abs((sin_coef - torch.eye(5)).std().item() / 0.05 - 1) < 0.05
 
 
 def test_clipped_slots_do_not_move_and_use_the_official_fill():
@@ -56,91 +137,339 @@ def test_clipped_slots_do_not_move_and_use_the_official_fill():
     f = fope.FoPE(32, n_heads=4, train_len=64, sigma=0.3)
     x = torch.randn(1, 4, 1, 32).expand(1, 4, 6, 32)  # the same vector at 6 positions
     y = f(x, torch.tensor([0, 1, 7, 63, 200, 1000]))
-    clipped = list(range(5, 16)) + list(range(21, 32))  # slots 5..15 and their partners 21..31
+    clipped = list(range(5, 16)) + list(range(21, 32))
     assert_close(y[..., clipped], y[:, :, :1, clipped].expand_as(y[..., clipped]))
     # cos = sin = 1: slot j → (x_j − x_{j+16}, x_{j+16} + x_j)
     assert_close(y[0, :, 0, 5], x[0, :, 0, 5] - x[0, :, 0, 21])
     assert_close(y[0, :, 0, 21], x[0, :, 0, 21] + x[0, :, 0, 5])
-    kept = list(range(0, 5))
-    assert not torch.allclose(y[0, 0, 0, kept], y[0, 0, 1, kept])  # kept slots do rotate
+    assert not torch.allclose(y[0, 0, 0, :5], y[0, 0, 1, :5])  # kept slots rotate
 
 
-def test_fourier_noise_std():
-    # official xavier_normal_(gain σ) on (H, K, d') = (4, 5, 5): std = 0.3·√(2/(5·(5+4))) = 0.3·√(0.04444) = 0.063246
-    assert_close(fope.FoPE(32, n_heads=4, train_len=64, sigma=0.3).noise_std, 0.3 * math.sqrt(2 / 45))
-    assert abs(fope.FoPE(32, 4, 64, 0.3).noise_std - 0.063246) < 1e-5
-    assert fope.FoPE(32, 4, 64, 0.3, noise="plain").noise_std == 0.3
-    # empirical: H = 400 → std = 0.3·√(2/(5·405)) = 0.009428; 400·5·5 = 10 000 draws per matrix
+def test_make_pe_arms():
     torch.manual_seed(0)
-    f = fope.FoPE(32, n_heads=400, train_len=64, sigma=0.3)
-    for coef in (f.sin_coef, f.cos_coef):
-        noise = coef.detach() - torch.eye(5)
-        assert abs(noise.std().item() / 0.009428 - 1) < 0.05
-        assert not coef.requires_grad  # frozen by default
-    assert not torch.equal(f.sin_coef, f.cos_coef)  # separate matrices
+    cf = fope.make_pe("cf_only", 32, 2, 64, 1e4, 0.3, 0.02)
+    assert_close(cf.sin_coef, torch.eye(5).expand(2, 5, 5))  # clipping alone: A = I
+    fs = fope.make_pe("fs_only", 32, 2, 64, 1e4, 0.3, 0.02)
+    assert len(fs.freqs) == 16 and not torch.allclose(fs.sin_coef, torch.eye(16).expand(2, 16, 16))
+    small = fope.make_pe("fope_small", 32, 300, 64, 1e4, 0.3, 0.02)
+    assert abs((small.sin_coef - torch.eye(5)).std().item() / 0.02 - 1) < 0.05
+    official = fope.make_pe("fope", 32, 300, 64, 1e4, 0.3, 0.02)
+    std = 0.3 * math.sqrt(2 / (5 * 305))
+    assert abs((official.cos_coef - torch.eye(5)).std().item() / std - 1) < 0.05
+    assert isinstance(fope.make_pe("rope", 32, 2, 64, 1e4, 0.3, 0.02), fope.RoPE)
+    assert fope.make_pe("nope", 32, 2, 64, 1e4, 0.3, 0.02) is None
+    assert fope.make_pe("alibi", 32, 2, 64, 1e4, 0.3, 0.02) is None
 
+
+# --- ALiBi and masks ---
 
 def test_alibi_slopes_and_bias():
     # 2^(−8h/H): H = 4 → 2^−2, 2^−4, 2^−6, 2^−8; H = 8 → 2^−1 … 2^−8
     assert_close(fope.alibi_slopes(4), torch.tensor([0.25, 0.0625, 0.015625, 0.00390625]))
-    assert_close(fope.alibi_slopes(8), torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125,
-                                                     0.00390625]))
+    assert_close(fope.alibi_slopes(8), 2.0 ** -torch.arange(1.0, 9.0))
+    # H = 6: closest power 4 → 2^−2, 2^−4, 2^−6, 2^−8, then from 8: 2^−1, 2^−3
+    assert_close(fope.alibi_slopes(6), torch.tensor([2.0 ** -e for e in (2, 4, 6, 8, 1, 3)]))
     b = fope.alibi_bias(4, 3)
-    # head 0 (slope 0.25): row m = 2 → [−0.25·2, −0.25·1, 0] = [−0.5, −0.25, 0]; above the diagonal −inf
+    # head 0 (slope 0.25), row m = 2 → [−0.5, −0.25, 0]; above the diagonal −inf
     assert_close(b[0, 2], torch.tensor([-0.5, -0.25, 0.0]))
     assert b[0, 0, 1] == float("-inf") and b.shape == (4, 3, 3)
 
+
+def test_attention_bias_window():
+    # T = 4, window 2: key n visible from m iff 0 ≤ m − n < 2
+    b = fope.attention_bias(2, 4, window=2)
+    visible = torch.isfinite(b[0])
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]).bool()
+    assert torch.equal(visible, expected) and b.shape == (1, 4, 4)
+    assert torch.equal(torch.isfinite(fope.attention_bias(2, 4)[0]), torch.ones(4, 4).tril().bool())
+    alibi = fope.attention_bias(2, 4, window=3, alibi=True)
+    assert alibi.shape == (2, 4, 4) and alibi[0, 3, 0] == float("-inf")
+    assert_close(alibi[0, 3, 1], torch.tensor(-2 * 2.0 ** -4))
+
+
+# --- positional heads ---
 
 def test_slot_contributions():
     # q = [1, 2, 3, 4], k = [5, 6, 7, 8]: g_0 = 1·5 + 3·7 = 26, g_1 = 2·6 + 4·8 = 44; sum 70 = q·k
     g = fope.slot_contributions(torch.tensor([1.0, 2, 3, 4]), torch.tensor([5.0, 6, 7, 8]))
     assert_close(g, torch.tensor([26.0, 44.0]))
     torch.manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 1, 32), torch.randn(2, 3, 1, 7, 32)
+    q = torch.randn(2, 3, 5, 1, 32)
+    k = torch.randn(2, 3, 1, 7, 32)
     assert_close(fope.slot_contributions(q, k).sum(-1), (q * k).sum(-1))
 
 
-def test_spearman_hand():
-    # x = [1, 2, 3], y = [1, 3, 2]: d = [0, 1, 1], ρ = 1 − 6·2/(3·8) = 0.5; ties get mean ranks
-    assert abs(fope.spearman(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 3, 2])) - 0.5) < 1e-9
-    assert_close(fope.average_ranks(torch.tensor([5.0, 1.0, 5.0])), torch.tensor([1.5, 0.0, 1.5], dtype=torch.float64))
+def test_positional_head_score_hand_value():
+    # d = 4: high slots i ≥ 1 → slot 1 (dims 1, 3); g_high(m, n) = (q1 k1 + q3 k3) / √4
+    # q[1] = [0, 1, 0, 2], q[2] = [0, 3, 0, −1]; k[0] = [5, 1, 5, 1], k[1] = [5, 2, 5, 0]
+    # (1,0): (1 + 2)/2 = 1.5;  (2,0): (3 − 1)/2 = 1.0;  (2,1): (6 + 0)/2 = 3.0
+    # attention a(1,0) = 0.5, a(2,0) = 0.2, a(2,1) = 0.3
+    # min_dist 1: (0.5·1.5 + 0.2·1 + 0.3·3) / (0.5 + 0.2 + 0.3) = 1.85;  min_dist 2: only (2,0) → 1.0
+    q = torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 2], [0, 3, 0, -1]]).view(1, 1, 3, 4)
+    k = torch.tensor([[5.0, 1, 5, 1], [5, 2, 5, 0], [9, 9, 9, 9]]).view(1, 1, 3, 4)
+    attn = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]).view(1, 1, 3, 3)
+    assert_close(fope.positional_head_scores(q, k, attn, 1), torch.tensor([1.85]))
+    assert_close(fope.positional_head_scores(q, k, attn, 2), torch.tensor([1.0]))
+    with pytest.raises(ValueError):
+        fope.positional_head_scores(q, k, attn[0], 1)
 
 
-def test_passkey_batch():
+def test_positional_head_score_equals_plain_loop():
+    torch.manual_seed(0)
+    B, H, T, d = 2, 3, 9, 8
+    q = torch.randn(B, H, T, d)
+    k = torch.randn(B, H, T, d)
+    attn = torch.rand(B, H, T, T).tril()
+    for h in range(H):
+        num = 0.0
+        den = 0.0
+        for b in range(B):
+            for m in range(T):
+                for n in range(m - 3 + 1):
+                    g = fope.slot_contributions(q[b, h, m], k[b, h, n])  # (d/2,)
+                    num += attn[b, h, m, n] * g[d // 4:].sum() / math.sqrt(d)
+                    den += attn[b, h, m, n]
+        assert_close(fope.positional_head_scores(q, k, attn, 3)[h], num / den)
+
+
+def test_ablating_a_head_equals_zeroing_its_output_projection():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = fope.Decoder("rope", 20, cfg)
+    corpus = fope.recall_corpus(fope.markov_chain(8, 2, torch.Generator().manual_seed(0)), 6, 64,
+                                2, 4, 16, torch.Generator().manual_seed(1))
+    assert corpus.far.any()
+    ablated = fope.far_recall_nll(model, corpus, [(1, 1)])
+    assert torch.equal(model.head_mask, torch.ones(2, 2))  # restored afterwards
+    full = fope.far_recall_nll(model, corpus, [])
+    with torch.no_grad():
+        model.blocks[1].proj.weight[:, 8:] = 0.0  # head 1 of layer 1 reads dims 8..15
+    assert_close(fope.far_recall_nll(model, corpus, []), ablated)
+    assert abs(full - ablated) > 1e-6
+
+
+def test_positional_heads_picks_the_top_scores_and_random_others():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_layers=3)
+    model = fope.Decoder("rope", 20, cfg)
+    corpus = fope.recall_corpus(fope.markov_chain(8, 2, torch.Generator().manual_seed(0)), 6, 64,
+                                2, 4, 16, torch.Generator().manual_seed(1))
+    out = fope.positional_heads(model, corpus, 17, 2, 3, seed=0)
+    scores = torch.tensor(out["score"])  # (layers, H)
+    assert scores.shape == (3, 2)
+    best = sorted(((s, (i // 2, i % 2)) for i, s in enumerate(scores.flatten().tolist())),
+                  reverse=True)
+    assert [tuple(t) for t in out["top"]] == [lh for _, lh in best[:2]]
+    assert len(out["random_sets"]) == 3
+    for heads in out["random_sets"]:
+        assert len(heads) == 2 and not set(map(tuple, heads)) & set(map(tuple, out["top"]))
+    full = fope.far_recall_nll(model, corpus, [])
+    assert_close(out["far_recall_nll"], full)
+    assert_close(out["top_drop"], fope.far_recall_nll(model, corpus, out["top"]) - full)
+    rand = [fope.far_recall_nll(model, corpus, s) - full for s in out["random_sets"]]
+    assert_close(out["random_drop"], sum(rand) / 3)
+    # the score is computed on attention at distance ≥ min_dist: compare with a direct call
+    model(corpus.x[:, :-1], keep=True)
+    direct = fope.positional_head_scores(*model.blocks[2].probe, 17)
+    assert_close(scores[2], direct)
+
+
+# --- data ---
+
+def test_recall_corpus_structure():
     gen = torch.Generator().manual_seed(0)
-    table = fope.markov_table(32, 4, gen)
-    x, p = fope.passkey_batch(table, 50, 64, gen, 32)
-    first_value, key, query, _ = fope.special_ids(32)
-    assert x.shape == (50, 64)
-    assert ((x == key).sum(1) == 1).all() and ((x == query).sum(1) == 1).all()
-    assert (x[:, -2] == query).all()
-    assert (x[torch.arange(50), p] == key).all()
-    assert (x[torch.arange(50), p + 1] == x[:, -1]).all()  # the queried value is the key's value
-    assert ((x[:, -1] >= first_value) & (x[:, -1] < key)).all()
-    assert ((x >= first_value) & (x < key)).sum() == 100  # values appear only after KEY and QUERY
-    ppl, loss = fope.target_masks(x, 32)
-    assert not ppl[:, -1].any() and loss[:, -1].all()
+    chain = fope.markov_chain(8, 2, gen)
+    n_keys = 3
+    c = fope.recall_corpus(chain, 40, 48, n_keys, 5, 10, gen)
+    assert c.x.shape == (40, 48) and c.filler.shape == c.recall.shape == c.far.shape == (40, 47)
+    for row in range(40):
+        x = c.x[row].tolist()
+        for key in range(n_keys):
+            at = [t for t, tok in enumerate(x) if tok == 8 + key]
+            assert len(at) == 2  # each key written twice
+            v = [x[t + 1] for t in at]
+            assert v[0] == v[1] and 8 + n_keys + 5 * key <= v[0] < 8 + n_keys + 5 * (key + 1)
+            assert c.recall[row, at[1]]  # target at position at[1] + 1 ↔ index at[1]
+            assert not c.recall[row, at[0]]
+            assert bool(c.far[row, at[1]]) == (at[1] - at[0] > 10)
+        assert c.recall[row].sum() == n_keys
+        for t in range(1, 48):
+            want = t >= 2 and all(tok < 8 for tok in x[t - 2:t + 1])
+            assert bool(c.filler[row, t - 1]) == want
+    assert c.far.any() and (c.far <= c.recall).all()
+    # filler targets follow the chain: positive probability under it
+    assert torch.isfinite(fope.chain_nll(chain, c.x)[c.filler]).all()
+    assert (fope.chain_nll(chain, c.x)[c.filler] < 20).all()
 
 
-def test_markov_filler_follows_table():
+def test_markov_filler_and_chain_nll():
     gen = torch.Generator().manual_seed(1)
-    succ, cum = fope.markov_table(8, 2, gen)
-    x = fope.markov_filler((succ, cum), 20, 30, gen)
+    chain = fope.markov_chain(6, 2, gen)
+    assert_close(chain.prob.sum(-1), torch.ones(6, 6))
+    x = fope.markov_filler(chain, 20, 30, gen)
     for row in x:
         for t in range(2, 30):
-            assert row[t] in succ[row[t - 2], row[t - 1]]
+            assert row[t] in chain.succ[row[t - 2], row[t - 1]]
+    # chain_nll by hand at one target: −log prob of the successor that occurred
+    nll = fope.chain_nll(chain, x)
+    a = x[3, 4]
+    b = x[3, 5]
+    j = (chain.succ[a, b] == x[3, 6]).nonzero()[0, 0]
+    assert_close(nll[3, 5], -chain.prob[a, b, j].log())
+    assert (nll[:, 0] == 0).all()
 
 
-def test_smoke_run_and_bad_input(tmp_path, capsys):
-    res = fope.main(["--smoke", "--out", str(tmp_path)])
+# --- loss and evaluation ---
+
+def test_lm_loss_composition():
+    # vocab 2. t0: logits [0, 0], target 0 → ln 2;  t1: [ln 3, 0], target 1 → −ln(1/4) = ln 4;
+    # t2: [0, 0], target 0 → ln 2.  filler = t0, t2 → ln 2; recall = t1 → ln 4; loss = ln 8
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    targets = torch.tensor([[0, 1, 0]])
+    filler = torch.tensor([[True, False, True]])
+    recall = torch.tensor([[False, True, False]])
+    terms = fope.lm_loss(logits, targets, filler, recall)
+    assert_close(terms.filler, torch.tensor(math.log(2.0)))
+    assert_close(terms.recall, torch.tensor(math.log(4.0)))
+    assert_close(terms.loss, torch.tensor(math.log(8.0)))
+    none = fope.lm_loss(logits, targets, filler, torch.zeros_like(recall))
+    assert none.recall == 0 and none.loss == none.filler
+    with pytest.raises(ValueError):
+        fope.masked_mean(torch.ones(3), torch.ones(3, 1))
+
+
+def test_value_accuracy_takes_argmax_within_the_key():
+    # first value 2, 2 values per key: key 0 → ids 2, 3; key 1 → ids 4, 5
+    # t0 target 3: logits over {2, 3} = (1, 5) → 3 ✓ (the global argmax, id 0, is not a value)
+    # t1 target 4: logits over {4, 5} = (8, 9) → 5 ✗
+    logits = torch.tensor([[[9.0, 9, 1, 5, 8, 8], [0, 0, 0, 0, 8, 9]]])
+    out = fope.value_accuracy(logits, torch.tensor([[3, 4]]), 2, 2)
+    assert out.tolist() == [[True, False]]
+
+
+class FixedModel(torch.nn.Module):
+    """A model whose answers are fixed: uniform logits, or near-certain on the true next token."""
+
+    def __init__(self, x, vocab, oracle):
+        super().__init__()
+        self.x = x
+        self.vocab = vocab
+        self.oracle = oracle
+        self.windows = []
+
+    def forward(self, idx, window=0, keep=False):
+        self.windows.append(window)
+        logits = torch.zeros(*idx.shape, self.vocab)
+        if self.oracle:
+            logits.scatter_(-1, self.x[:, 1:, None], 30.0)
+        return logits
+
+
+def test_evaluate_on_models_with_fixed_answers():
+    gen = torch.Generator().manual_seed(0)
+    chain = fope.markov_chain(8, 2, gen)
+    c = fope.recall_corpus(chain, 8, 64, 2, 4, 16, gen)
+    vocab = 8 + 2 * 5
+    uniform = FixedModel(c.x, vocab, oracle=False)
+    out = fope.evaluate(uniform, c, 10, 4, window=7)
+    assert uniform.windows == [7]
+    for key in ("ppl", "filler_ppl", "recall_ppl", "far_recall_ppl"):
+        assert_close(out[key], float(vocab), rtol=1e-5, atol=0)
+    # ties → argmax picks each key's first value: accuracy = share of recall targets that are it
+    targets = c.x[:, 1:][c.recall]
+    assert_close(out["passkey"], ((targets - 10) % 4 == 0).float().mean().item())
+    oracle = fope.evaluate(FixedModel(c.x, vocab, oracle=True), c, 10, 4)
+    assert oracle["passkey"] == 1.0 and oracle["ppl"] < 1.001 and oracle["recall_ppl"] < 1.001
+
+
+def test_decoder_is_causal_and_window_limits_what_it_sees():
+    torch.manual_seed(0)
+    model = fope.Decoder("rope", 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
+    x = torch.randint(0, 20, (1, 12))
+    y = x.clone()
+    y[0, 2] = (x[0, 2] + 1) % 20
+    with torch.no_grad():
+        full_x = model(x)
+        full_y = model(y)
+        win_x = model(x, window=4)
+        win_y = model(y, window=4)
+    assert_close(full_x[0, :2], full_y[0, :2])  # the future does not leak
+    assert not torch.allclose(full_x[0, 8:], full_y[0, 8:])  # full attention sees position 2
+    assert_close(win_x[0, 6:], win_y[0, 6:])  # position 2 is ≥ 4 back from 6 onwards
+    assert not torch.allclose(win_x[0, 5], win_y[0, 5])
+    assert_close(win_x[0, :4], full_x[0, :4])
+
+
+def test_training_learns_recall():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    data = fope.build_data(cfg, 0)
+    vocab = data.vocab
+    assert vocab == 8 + 2 * 5
+    before = fope.evaluate(fope.Decoder("cf_only", vocab, cfg).eval(), data.evals[32], 10, 4)
+    model, step_time = fope.train_arm("cf_only", cfg, data, torch.device("cpu"), 0)
+    after = fope.evaluate(model, data.evals[32], 10, 4)
+    assert step_time > 0 and not model.training
+    assert after["filler_ppl"] < 0.8 * before["filler_ppl"]
+    assert after["recall_ppl"] < 0.8 * before["recall_ppl"]
+
+
+# --- aggregation and the run ---
+
+def test_summarise_and_gap():
+    def seed_row(ppl):
+        ev = {"64": {"ppl": ppl}, "128": {"ppl": 2 * ppl}}
+        return {"eval": ev, "windowed": ev}
+    a = [seed_row(3.0), seed_row(5.0)]
+    b = [seed_row(2.0), seed_row(2.0)]
+    arm = fope.summarise(a, ("ppl",))
+    assert arm["ppl"] == {"64": 4.0, "128": 8.0} and arm["ppl_std"] == {"64": 1.0, "128": 2.0}
+    assert arm["windowed_ppl"] == {"64": 4.0, "128": 8.0}
+    # paired differences: 64 → [1, 3] → mean 2, std 1;  128 → [2, 6] → mean 4, std 2
+    assert fope.gap(a, b, "ppl") == {"64": [2.0, 1.0], "128": [4.0, 2.0]}
+
+
+def test_smoke_run_results_and_bad_input(tmp_path, capsys):
+    res = fope.main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
     saved = json.load(open(tmp_path / "results.json"))
-    assert set(saved["arms"]) == {"nope", "rope", "alibi", "fope"}
-    for arm in saved["arms"].values():
-        assert set(arm["ppl"]) == set(arm["passkey"]) == {"64", "128"} and arm["step_time_s"] > 0
-    assert {"rope", "fope"} <= set(saved["heads"]) and "ratio_fope_rope" in saved["step_time"]
+    assert (tmp_path / "fope.png").exists()
+    assert saved["seeds"] == [0, 1] and saved["train_len"] == 64
+    assert set(saved["arms"]) == set(fope.ARMS)
+    for name, arm in saved["arms"].items():
+        for key in ("ppl", "recall_ppl", "filler_ppl", "passkey", "windowed_ppl"):
+            assert set(arm[key]) == {"64", "128"}
+        assert arm["n_seeds"] == (2 if name in fope.CORE_ARMS else 1) == len(arm["per_seed"])
+        assert arm["step_time_s"] > 0
+        for L in ("64", "128"):
+            mean = sum(r["eval"][L]["ppl"] for r in arm["per_seed"]) / arm["n_seeds"]
+            assert abs(arm["ppl"][L] - mean) < 1e-3
+    fope_runs = saved["arms"]["fope"]["per_seed"]
+    cf_runs = saved["arms"]["cf_only"]["per_seed"]
+    diffs = [f["eval"]["128"]["recall_ppl"] - c["eval"]["128"]["recall_ppl"]
+             for f, c in zip(fope_runs, cf_runs)]
+    assert abs(saved["fope_minus_cf_only"]["recall_ppl"]["128"][0] - sum(diffs) / 2) < 1e-3
+    heads = saved["positional_heads"]
+    assert heads["arm"] == "rope" and len(heads["per_seed"]["fope"]) == 2
+    top = [r["top_drop"] for r in heads["per_seed"]["rope"]]
+    assert abs(heads["top_drop"] - sum(top) / 2) < 1e-3
+    assert set(saved["filler_oracle_ppl"]) == {"64", "128"}
+    assert 1.0 < saved["filler_oracle_ppl"]["64"] < 3.0
     assert res["arms"]["rope"]["ppl"] == saved["arms"]["rope"]["ppl"]
-    for argv in (["--methods", "rope,bogus"], ["--steps", "0"], ["--fope-noise", "huge"]):
+    for argv in (["--arms", "rope,bogus"], ["--steps", "0"], ["--eval-lens", "32,64"]):
         with pytest.raises(SystemExit) as e:
             fope.main(argv + ["--out", str(tmp_path)])
         assert e.value.code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_user_text_gives_perplexity_only(tmp_path):
+    path = tmp_path / "text.jsonl"
+    rows = [json.dumps({"text": "the cat sat on the mat and the dog sat on the log. " * 3})
+            for _ in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    res = fope.main(["--smoke", "--data", str(path), "--arms", "rope,fope", "--out",
+                     str(tmp_path / "out")])
+    arm = res["arms"]["rope"]
+    assert set(arm["ppl"]) == {"64", "128"} and arm["recall_ppl"] == {}
+    assert "positional_heads" not in res and "filler_oracle_ppl" not in res
+    assert arm["ppl"] == arm["filler_ppl"] and 1.0 < arm["ppl"]["64"] < 1000
