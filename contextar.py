@@ -19,7 +19,7 @@ Key equations (symbols as in the code):
        its cell meet at offset 0 whatever the number and order of blocks
     mask[i, m] = 1 iff m is text, or i and m share a block,
                    or i is image and (m is a block or m <= i)
-    h_0 = tok_emb(x) + type_emb(block type) [condition tokens] + text_pos_emb(j) [text tokens]
+    h_0 = tok_emb(x) + type_emb(block type) [condition tokens];  text_emb(slot j, word) [text]
     loss = - mean_j log p(x_j | text, conditions, x_<j)   (image tokens; bits/token = loss / ln 2)
     CFG: l = l_uncond + s (l_cond - l_uncond);   checklist score = satisfied items / all items
 
@@ -28,13 +28,15 @@ Run:
     python contextar.py --ablate      # + no type embedding, 1-D RoPE, plain causal mask
     python contextar.py --smoke       # the same code path at a tiny size, in seconds
 
-Result (version 1, before the house-v2 refactor; seed 0, 1040 steps; T = 1; to be re-measured):
-    combo           fid  bits  expl  impl    combo           fid  bits  expl  impl
-    E      seen   0.624 0.092 0.623 0.992    E+K    unseen 0.974 0.045 0.916 0.984
-    D      seen   0.998 0.033 0.996 0.996    E+D+K  unseen 0.998 0.033 0.998 0.977
-    K      seen   0.873 0.081 0.783 0.973    text   seen   0.154 0.355 0.479 0.984
-    E+D    seen   0.993 0.033 0.986 0.992    uncond base   0.121 0.416 0.367 0.562
-    D+K    seen   0.991 0.033 0.986 0.992
+Version 2: scenes that need both conditions, fidelity read against its ceiling. For each test
+scene and combo, ceiling() enumerates every layout of the prompt's shapes whose maps match what
+the combo shows, and takes the best expected fidelity of any single layout. E tells a square from
+a bar, so E plus the prompt pins most layouts; only two bars need both maps (E cannot say which bar
+is object 1, K cannot say how each bar lies). The test set therefore holds 128 scenes of every kind
+and 96 needs-both scenes (E and K ceilings < 1, E+K ceiling 1), drawn apart, 4 samples each; E+K
+is never trained on. Each object is a bar with probability 0.5 (p_bar).
+
+RESULTS
 
 Deviations from the paper (no official code was found):
 - Toy data: 8x8 drawn scenes, one token per cell (8 colours), not VQ tokens of MultiGen-20M images;
@@ -75,14 +77,14 @@ import datasets
 class Config:
     """Train ContextAR on toy scenes; evaluate seen and unseen condition combos."""
 
-    steps: int = 1040  # training steps per seed (and per arm)
+    steps: int = 600  # training steps per seed (and per arm)
     seed: int = 0  # first random seed; the run uses seeds seed .. seed + seeds - 1
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     data: str = ""  # JSON lines with prompt and layout (see load_scenes); empty: built-in scenes
     out: str = "runs/contextar"  # folder for results.json and contextar.png
     smoke: bool = False  # the same code path at a tiny size, in seconds
     log_every: int = 100  # steps between log lines
-    seeds: int = 1  # seeds to train and evaluate
+    seeds: int = 3  # seeds to train and evaluate
     batch: int = 16  # scenes per training step
     width: int = 64  # model width
     layers: int = 3  # transformer layers
@@ -91,16 +93,22 @@ class Config:
     warmup: int = 80  # linear warm-up steps, then cosine decay to a tenth
     rope_base: float = 10.0  # 2-D RoPE frequencies base^(-i/n): a small base suits an 8-cell axis
     rope_base_1d: float = 10000.0  # base of the 1-D RoPE ablation, suited to a ~262-token sequence
+    rotary_frac: float = 0.5  # share of each head's dims that rotate; the rest see content only
     p_uncond: float = 0.1  # probability of dropping all conditions and the text of a sample (CFG)
     cfg_scale: float = 1.0  # classifier-free guidance scale s at sampling (1 = no guidance)
     temperature: float = 1.0  # sampling temperature for every evaluated sample
     n_train: int = 8192  # scenes in the training pool
-    n_eval: int = 128  # test scenes per condition combo
+    n_eval: int = 96  # test scenes (all kinds) per condition combo
+    n_needs_both: int = 96  # test scenes that need both E and K (two bars), drawn apart
+    samples_per_scene: int = 2  # samples per needs-both scene and combo (T = temperature)
+    p_bar: float = 0.5  # probability that an object is a bar (two bars: E and K are both needed)
     ablate: bool = False  # also train no-type-embedding, 1-D RoPE and plain causal arms
 
     def __post_init__(self):
         require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        for name in ("seeds", "batch", "width", "layers", "heads", "n_train", "n_eval"):
+        positive = ("seeds", "batch", "width", "layers", "heads", "n_train", "n_eval",
+                    "n_needs_both", "samples_per_scene")
+        for name in positive:
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} {value}: must be positive")
         require(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
@@ -109,7 +117,13 @@ class Config:
         require(self.lr > 0, f"--lr {self.lr}: must be positive")
         require(self.rope_base > 1, f"--rope-base {self.rope_base}: must be > 1")
         require(self.rope_base_1d > 1, f"--rope-base-1d {self.rope_base_1d}: must be > 1")
+        rotary_dims = self.rotary_frac * self.width / self.heads
+        require(0 < self.rotary_frac <= 1 and rotary_dims == int(rotary_dims)
+                and rotary_dims % 4 == 0,
+                f"--rotary-frac {self.rotary_frac}: must make the rotary dims of a head a "
+                f"positive multiple of 4")
         require(0 <= self.p_uncond < 1, f"--p-uncond {self.p_uncond}: must be in [0, 1)")
+        require(0 <= self.p_bar <= 1, f"--p-bar {self.p_bar}: must be in [0, 1]")
         require(self.cfg_scale >= 0, f"--cfg-scale {self.cfg_scale}: must be >= 0")
         require(self.temperature >= 0,
                 f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
@@ -203,12 +217,17 @@ def render(words, layout, moon):
     return img, layers, [(r, c) for r, c, _ in layout]
 
 
-def random_scene(rng):
-    """Prompt, and a scene with a valid layout (centre row, column, vertical?) and a moon cell."""
+def random_scene(rng, p_bar):
+    """Prompt, and a scene with a valid layout (centre row, column, vertical?) and a moon cell.
+    Each object is a bar with probability p_bar (square and plus share the rest): two bars are
+    the scenes where neither the edges nor the keypoints alone pin the layout."""
+    shape_probs = [(1 - p_bar) / 2, (1 - p_bar) / 2, p_bar]  # square, plus, bar
     while True:
         c1, c2 = rng.choice(COLOURS, 2, replace=False)
-        words = (str(rng.choice(TIMES)), str(rng.choice(SEASONS)), str(c1),
-                 str(rng.choice(SHAPES)), str(c2), str(rng.choice(SHAPES)))
+        s1 = rng.choice(SHAPES, p=shape_probs)
+        s2 = rng.choice(SHAPES, p=shape_probs)
+        words = (str(rng.choice(TIMES)), str(rng.choice(SEASONS)), str(c1), str(s1), str(c2),
+                 str(s2))
         layout = [(int(rng.integers(OBJ_ROWS[0], OBJ_ROWS[1] + 1)), int(rng.integers(W)),
                    int(rng.integers(2))) for _ in range(2)]
         moon = (int(rng.integers(2)), int(rng.integers(W)))  # rows 0..1: 16 cells
@@ -243,7 +262,7 @@ def make_dataset(pairs):
 def load_scenes(cfg, rng):
     """(train, test) dicts: fresh random scenes, or the --data rows split 80/20 (moon drawn)."""
     if not cfg.data:
-        pairs = [random_scene(rng) for _ in range(cfg.n_train + cfg.n_eval)]
+        pairs = [random_scene(rng, cfg.p_bar) for _ in range(cfg.n_train + cfg.n_eval)]
         return make_dataset(pairs[:cfg.n_train]), make_dataset(pairs[cfg.n_train:])
     pairs = []
     for i, row in enumerate(load_user_data(cfg.data, ["prompt", "layout"])):
@@ -263,7 +282,8 @@ def load_scenes(cfg, rng):
 # --- model ---
 
 NULL_TEXT = len(WORDS)  # the text token of a dropped prompt (CFG)
-COND_OFF = NULL_TEXT + 1  # condition value v -> token COND_OFF + v (one vocabulary for E, D, K)
+N_TEXT_IDS = NULL_TEXT + 1  # the words and the null token
+COND_OFF = N_TEXT_IDS  # condition value v -> token COND_OFF + v (one vocabulary for E, D, K)
 IMG_OFF = COND_OFF + 3  # colour x -> token IMG_OFF + x
 SOI = IMG_OFF + N_COLOURS  # start-of-image token in image slot 0
 VOCAB = SOI + 1
@@ -279,8 +299,9 @@ class Layout(typing.NamedTuple):
     S: int
 
 
-def make_layout(combo, rope, mask_kind, head_dim, base, device):
-    """The Layout of [text][blocks of combo][image]; rope '2d' | '1d', mask 'context' | 'causal'."""
+def make_layout(combo, rope, mask_kind, head_dim, rotary_dims, base, device):
+    """The Layout of [text][blocks of combo][image]; rope '2d' | '1d', mask 'context' | 'causal'.
+    The first rotary_dims / 2 pairs of a head rotate; the others keep angle 0 (cos 1, sin 0)."""
     n = len(combo)
     S = TEXT_LEN + (n + 1) * CELLS
     cell = torch.arange(CELLS)
@@ -289,9 +310,12 @@ def make_layout(combo, rope, mask_kind, head_dim, base, device):
     cols = torch.cat([no_text_pos, (cell % W).repeat(n + 1)])  # (S,)
     if rope == "2d":
         is_text = torch.arange(S) < TEXT_LEN  # (S,)
-        cos, sin = rope_2d(rows.float(), cols.float(), is_text, head_dim, base)
-    else:  # the ablation: plain sequence RoPE, every pair turns with the token's index
-        cos, sin = rope_1d(S, head_dim, base)
+        cos, sin = rope_2d(rows.float(), cols.float(), is_text, rotary_dims, base)
+    else:  # the ablation: plain sequence RoPE, the pairs turn with the token's index
+        cos, sin = rope_1d(S, rotary_dims, base)
+    still = (head_dim - rotary_dims) // 2  # pairs that do not rotate
+    cos = torch.cat([cos, torch.ones(S, still)], 1)  # (S, head_dim / 2)
+    sin = torch.cat([sin, torch.zeros(S, still)], 1)  # (S, head_dim / 2)
     type_blocks = [torch.full((CELLS,), 1 + COND_TYPES.index(t)) for t in combo]
     types = torch.cat([no_text_pos] + type_blocks + [torch.zeros(CELLS, dtype=torch.long)])  # (S,)
     not_text = torch.zeros(S - TEXT_LEN, dtype=torch.long)
@@ -359,10 +383,11 @@ class ContextAR(nn.Module):
         self.mask_kind = mask
         self.use_type = type_emb
         self.head_dim = d // cfg.heads
+        self.rotary_dims = int(cfg.rotary_frac * self.head_dim)
         self.base = cfg.rope_base if rope == "2d" else cfg.rope_base_1d
         self.tok = nn.Embedding(VOCAB, d)
         self.type_table = nn.Parameter(torch.randn(1 + len(COND_TYPES), d))  # row 0 is unused
-        self.text_pos = nn.Embedding(1 + TEXT_LEN, d, padding_idx=0)  # word order; 0 = not text
+        self.text_emb = nn.Embedding(TEXT_LEN * N_TEXT_IDS, d)  # one vector per (slot, word)
         self.blocks = nn.ModuleList(Block(d, cfg.heads) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, N_COLOURS)
@@ -372,14 +397,17 @@ class ContextAR(nn.Module):
         """The Layout of combo, built once per combo on the model's device."""
         if combo not in self.layouts:
             self.layouts[combo] = make_layout(combo, self.rope, self.mask_kind, self.head_dim,
-                                              self.base, self.tok.weight.device)
+                                              self.rotary_dims, self.base, self.tok.weight.device)
         return self.layouts[combo]
 
     def hidden(self, tokens, combo, start=0, mask=None, caches=None):
         """Hidden states (B, T, d) of tokens at sequence positions start .. start+T-1 of combo."""
         lay = self.layout(combo)
         at = slice(start, start + tokens.shape[1])
-        x = self.tok(tokens) + self.text_pos(lay.text_pos[at])  # (B, T, d)
+        slot = lay.text_pos[at]  # (T,) 1..6 on the text, 0 elsewhere
+        text_ids = (slot - 1).clamp(min=0) * N_TEXT_IDS + tokens.clamp(max=N_TEXT_IDS - 1)
+        is_text = (slot > 0)[None, :, None]  # (1, T, 1)
+        x = torch.where(is_text, self.text_emb(text_ids), self.tok(tokens))  # (B, T, d)
         if self.use_type:
             x = x + type_embedding(lay.types[at], self.type_table)  # (B, T, d)
         for i, block in enumerate(self.blocks):
@@ -687,6 +715,13 @@ def checklist_means(samples, prompts):
     return {f"checklist_{kind}": float(np.mean(v)) for kind, v in kinds.items()}
 
 
+def standard_error(values):
+    """Standard error of the mean of values (N,) (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    return values.std().item() / math.sqrt(len(values))
+
+
 def colour_ids(text):
     """Palette ids (N, 2) of the two objects from the text ids (N, 6)."""
     first_colour_word = WORDS.index(COLOURS[0])
@@ -694,9 +729,10 @@ def colour_ids(text):
 
 
 @torch.no_grad()
-def evaluate(model, data, combo, cfg, device, gen, null=False):
+def evaluate(model, data, combo, cfg, device, gen, null=False, group=1):
     """All metrics of one combo on the test scenes (null: no text, no conditions) -> (metrics,
-    samples): bits/token (teacher-forced), the three condition scores, fidelity, checklist."""
+    samples): bits/token (teacher-forced), the three condition scores, fidelity (and its standard
+    error over scenes, each scene `group` consecutive rows), checklist items."""
     text = data["text"].to(device)
     cond = data["cond"].to(device)
     image = data["image"].to(device)
@@ -708,17 +744,121 @@ def evaluate(model, data, combo, cfg, device, gen, null=False):
         samples = sample(model, text, cond, combo, cfg.temperature, cfg.cfg_scale, gen).cpu()
     labels = object_labels(samples, colour_ids(data["text"]))  # (N, 64)
     parts = fidelity_parts(labels, data["cond"][:, 1], data["cond"][:, 0].bool(), data["keys"])
+    per_scene = fidelity(parts).view(-1, group).mean(1)  # (N / group,)
     metrics = {"edge_f1": parts[:, 0].mean().item(), "depth_acc": parts[:, 1].mean().item(),
                "keypoint_hit": parts[:, 2].mean().item(),
-               "fidelity": fidelity(parts).mean().item(),
+               "fidelity": per_scene.mean().item(),
+               "fidelity_se": standard_error(per_scene),
                "bits_per_token": nll.mean().item() / math.log(2)}
     metrics.update(checklist_means(samples, data["prompts"]))
     return metrics, samples
 
 
-def kv_cache_speedup(model, data, device, n=4, repeats=5):
+class LayoutTable(typing.NamedTuple):
+    """Every valid layout of one pair of shapes, with the maps it shows."""
+    cond: torch.Tensor  # (n, 3, 64) E, D, K maps
+    keys: torch.Tensor  # (n, 2) centre cells
+
+
+LAYOUT_TABLES = {}  # (shape 1, shape 2) -> LayoutTable
+CEILINGS = {}  # (shapes, condition types, their maps) -> ceiling
+
+
+def layout_table(shapes):
+    """Every layout random_scene can draw for two shapes (row, column, vertical? of each; a square
+    or plus twice, as the generator draws `vertical` for them too), computed once per pair."""
+    rows = range(OBJ_ROWS[0], OBJ_ROWS[1] + 1)
+    options = [(r, c, v) for r in rows for c in range(W) for v in (0, 1)]
+    if shapes not in LAYOUT_TABLES:
+        layers = []
+        keys = []
+        for back in options:
+            for front in options:
+                layer = layer_map(shapes, [back, front])
+                if layer is not None:
+                    layers.append(layer)
+                    keys.append([back[0] * W + back[1], front[0] * W + front[1]])
+        keys = torch.tensor(keys)  # (n, 2)
+        cond = condition_maps(torch.from_numpy(np.stack(layers)), keys)  # (n, 3, 64)
+        LAYOUT_TABLES[shapes] = LayoutTable(cond, keys)
+    return LAYOUT_TABLES[shapes]
+
+
+def scene_at(data, i):
+    """Row i of a dataset as a scene: its prompt and its maps (3, 64)."""
+    return {"prompt": data["prompts"][i], "cond": data["cond"][i]}
+
+
+def ceiling(combo, scene, cap=256):
+    """The best mean fidelity any sampler can reach from the prompt and combo's maps, found by
+    enumeration. Given them, the true layout is equally likely to be any layout of the prompt's
+    shapes whose maps match (random_scene draws layouts uniformly); drawing layout i when the truth
+    is j scores fidelity(i, j), so the ceiling is max_i mean_j fidelity(i, j) over the matching
+    layouts (the best single layout; an image that is no layout is not considered). With more than
+    `cap` matches (only without E, D or K: the text alone) an evenly spaced `cap` are used."""
+    words = scene["prompt"].split()
+    shapes = (words[3], words[5])
+    table = layout_table(shapes)
+    types = [COND_TYPES.index(t) for t in combo]
+    maps = scene["cond"][types]  # (len(combo), 64)
+    key = (shapes, tuple(types), maps.numpy().tobytes())
+    if key not in CEILINGS:
+        match = (table.cond[:, types] == maps).flatten(1).all(1)  # (n,)
+        idx = match.nonzero()[:, 0]  # (m,)
+        if len(idx) > cap:
+            idx = idx[torch.linspace(0, len(idx) - 1, cap).long()]
+        m = len(idx)
+        drawn = table.cond[idx, 1].repeat_interleave(m, 0)  # (m * m, 64) layout i's labels
+        truth = idx.repeat(m)  # (m * m,) against truth j
+        parts = fidelity_parts(drawn, table.cond[truth, 1], table.cond[truth, 0].bool(),
+                               table.keys[truth])  # (m * m, 3)
+        scores = fidelity(parts).view(m, m)  # [i, j]
+        CEILINGS[key] = scores.mean(1).max().item()
+    return CEILINGS[key]
+
+
+def needs_both(scene):
+    """Neither E alone nor K alone pins the layout (ceiling < 1), and E and K together do."""
+    pinned = [ceiling(combo, scene) > 1 - 1e-6 for combo in (("E",), ("K",), ("E", "K"))]
+    return not pinned[0] and not pinned[1] and pinned[2]
+
+
+def needs_both_scenes(data, rng, n, p_bar):
+    """The needs-both test subset: the rows of data that need both, or (data None) n fresh scenes
+    from random_scene that do."""
+    if data is not None:
+        rows = [i for i in range(len(data["prompts"])) if needs_both(scene_at(data, i))]
+        return {k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows]
+                for k, v in data.items()}
+    pairs = []
+    while len(pairs) < n:
+        prompt, scene = random_scene(rng, p_bar)
+        layers = torch.from_numpy(scene[1])[None]  # (1, 8, 8)
+        keys = torch.tensor([[r * W + c for r, c in scene[2]]])  # (1, 2)
+        if needs_both({"prompt": prompt, "cond": condition_maps(layers, keys)[0]}):
+            pairs.append((prompt, scene))
+    return make_dataset(pairs)
+
+
+def mean_ceiling(combo, data):
+    """The mean ceiling of a combo over the scenes of a dataset."""
+    return float(np.mean([ceiling(combo, scene_at(data, i)) for i in range(len(data["prompts"]))]))
+
+
+def repeat_rows(data, k):
+    """Every scene of a dataset k times in a row (k samples per scene in one batch)."""
+    out = {}
+    for key, value in data.items():
+        if torch.is_tensor(value):
+            out[key] = value.repeat_interleave(k, 0)
+        else:
+            out[key] = [x for x in value for _ in range(k)]
+    return out
+
+
+def kv_cache_speedup(model, data, device, n=8, repeats=3):
     """Greedy E+D+K samples with the KV cache vs recomputing the sequence each step:
-    (median speed-up over repeats, identical tokens?)."""
+    (speed-up of each repeat, identical tokens in every repeat?)."""
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     text = data["text"][:n].to(device)
     cond = data["cond"][:n].to(device)
@@ -734,21 +874,22 @@ def kv_cache_speedup(model, data, device, n=4, repeats=5):
             seconds.append(clock() - t0)
         ratios.append(seconds[1] / max(seconds[0], 1e-9))
         identical = identical and bool(torch.equal(outs[0], outs[1]))
-    return float(np.median(ratios)), identical
+    return ratios, identical
 
 
-def plot(path, data, shown, rows=6):
-    """The headline figure: a grid of test scenes (rows); columns: the true image, its E, D and K
-    maps, then one sample per entry of `shown` (name -> samples (N, 64))."""
+def plot(path, data, shown, needs, rows=6):
+    """The headline figure. Left: needs-both test scenes (rows); columns: the true image, its E
+    and K maps, then one sample per entry of `shown` (name -> samples (N, 64)). Right: fidelity
+    on the needs-both scenes per combo (bars: mean over seeds, dots: seeds) beside its ceiling."""
     px = 5
     gap = 4
     size = W * px + gap
     palette = np.array(RGB, np.uint8)
     rows = min(rows, len(data["image"]))
-    names = ["true", "E map", "D map", "K map"] + list(shown)
+    names = ["true", "E map", "K map"] + list(shown)
     grid = np.full((rows * size + gap, len(names) * size + gap, 3), 255, np.uint8)
     for r in range(rows):
-        maps = [data["cond"][r, t].numpy() * (255 if t == 0 else 127) for t in range(3)]
+        maps = [data["cond"][r, 0].numpy() * 255, data["cond"][r, 2].numpy() * 127]
         tiles = [palette[data["image"][r].numpy()]]
         tiles += [np.repeat(m.astype(np.uint8)[:, None], 3, 1) for m in maps]
         tiles += [palette[s[r].numpy()] for s in shown.values()]
@@ -756,12 +897,30 @@ def plot(path, data, shown, rows=6):
             y = gap + r * size
             x = gap + c * size
             grid[y:y + W * px, x:x + W * px] = tile.reshape(W, W, 3).repeat(px, 0).repeat(px, 1)
-    fig, axes = new_figure(1, width=0.75 * len(names), height=0.75 * rows + 0.4)
+    fig, axes = new_figure(2, width=5.2, height=4.2)
     axes[0].imshow(grid)
     axes[0].set_xticks([gap + c * size + W * px / 2 for c in range(len(names))])
     axes[0].set_xticklabels(names, fontsize=7, rotation=30)
     axes[0].set_yticks([])
-    axes[0].set_title("ContextAR samples at T = 1 (conditions beside generations)", fontsize=8)
+    axes[0].set_title("needs-both scenes: samples at T = 1 (first seed)", fontsize=9)
+    combos = list(EVAL_COMBOS)
+    x = np.arange(len(combos))
+    axes[1].bar(x, [needs["fidelity"][c] for c in combos], color="tab:blue", alpha=0.6,
+                label="fidelity (mean over seeds)")
+    for i, combo in enumerate(combos):
+        seeds = needs["fidelity_per_seed"][combo]
+        axes[1].plot([i] * len(seeds), seeds, "k.", markersize=4)
+    axes[1].plot(x, [needs["ceiling"][c] for c in combos], "r_", markersize=18, mew=2,
+                 label="ceiling (enumeration)")
+    axes[1].axhline(needs["best_single_ceiling"], color="r", ls=":", lw=1,
+                    label="best single-condition ceiling")
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels(combos, fontsize=8)
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_ylabel("fidelity (mean of edge F1, layer acc., keypoint hit)")
+    axes[1].set_title(f"{needs['n_scenes']} needs-both test scenes, "
+                      f"{needs['samples_per_scene']} samples each", fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
 
 
@@ -779,29 +938,78 @@ def mean_over_seeds(per_seed):
     for combo in per_seed[0]:
         out[combo] = {}
         for key in per_seed[0][combo]:
-            values = [run_[combo][key] for run_ in per_seed]
+            values = [one_seed[combo][key] for one_seed in per_seed]
             out[combo][key] = float(np.mean(values))
             out[combo][f"{key}_per_seed"] = values
     return out
 
 
+def needs_both_summary(per_seed, n_scenes, k, ceilings):
+    """The needs-both block of results.json from the per-seed metrics of every combo there."""
+    best_single = max(ceilings["E"], ceilings["K"])
+    margins = [one_seed["E+K"]["fidelity"] - best_single for one_seed in per_seed]
+    return {"n_scenes": n_scenes, "samples_per_scene": k,
+            "fidelity": {c: float(np.mean([m[c]["fidelity"] for m in per_seed])) for c in ceilings},
+            "fidelity_min_seed": {c: min(m[c]["fidelity"] for m in per_seed) for c in ceilings},
+            "fidelity_per_seed": {c: [m[c]["fidelity"] for m in per_seed] for c in ceilings},
+            "ceiling": ceilings, "best_single_ceiling": best_single,
+            "margin_per_seed": margins,
+            "margin_se_per_seed": [one_seed["E+K"]["fidelity_se"] for one_seed in per_seed],
+            "margin_mean": float(np.mean(margins)), "margin_std": float(np.std(margins))}
+
+
+def goals(res):
+    """The issue's targets, measured at the defaults (temperature 1)."""
+    needs = res["needs_both"]
+    margins = needs["margin_per_seed"]
+    return {"needs_both_ge_32_scenes": needs["n_scenes"] >= 32,
+            "seen_pairs_ge_0.9_every_seed": min(res["health"]["seen_pairs_per_seed"]) >= 0.9,
+            "margin_mean_ge_0.05": needs["margin_mean"] >= 0.05,
+            "margin_positive_in_every_seed": min(margins) > 0,
+            "kv_cache_speedup_ge_10_identical": (res["kv_cache_speedup"] >= 10
+                                                 and res["kv_cache_identical"])}
+
+
 def print_table(res):
     full = res["arms"]["full"]
-    log(f"\n{'combo':8} {'':6} " + " ".join(f"{k[:12]:>12}" for k in KEYS))
-    for combo, m in list(full.items()) + [("uncond", res["arms"]["uncond"]["uncond"])]:
-        tag = "unseen" if combo in UNSEEN else "base" if combo == "uncond" else "seen"
-        log(f"{combo:8} {tag:6} " + " ".join(f"{m[k]:12.3f}" for k in KEYS))
-    if len(res["arms"]) > 2:
-        arms = [a for a in ARMS if a in res["arms"]]
-        log("\nfidelity by arm:\n" + f"{'combo':8} " + " ".join(f"{a:>9}" for a in arms))
-        for combo in EVAL_COMBOS:
-            log(f"{combo:8} " + " ".join(f"{res['arms'][a][combo]['fidelity']:9.3f}" for a in arms))
-    log(f"\nKV-cache speed-up {res['kv_cache_speedup']:.1f}x (median), identical greedy tokens "
-        f"{res['kv_cache_identical']}")
+    needs = res["needs_both"]
+    n_seeds = len(res["seeds"])
+    log(f"\nall test scenes ({n_seeds} seeds: mean, worst seed) and the "
+        f"{needs['n_scenes']} needs-both scenes (x {needs['samples_per_scene']} samples):")
+    head = ["fid", "worst", "ceil", "edge", "layer", "keyp", "bits", "expl", "impl", "| nb fid",
+            "worst", "ceil"]
+    log(f"{'combo':7} {'':6} " + " ".join(f"{h:>6}" for h in head))
+    for combo, m in full.items():
+        tag = "unseen" if combo in UNSEEN else "seen"
+        cells = [m["fidelity"], min(m["fidelity_per_seed"]), m["ceiling"], m["edge_f1"],
+                 m["depth_acc"], m["keypoint_hit"], m["bits_per_token"], m["checklist_explicit"],
+                 m["checklist_implicit"]]
+        nb = [needs["fidelity"][combo], needs["fidelity_min_seed"][combo], needs["ceiling"][combo]]
+        log(f"{combo:7} {tag:6} " + " ".join(f"{v:6.3f}" for v in cells) + "  |"
+            + " ".join(f"{v:6.3f}" for v in nb))
+    m = res["arms"]["uncond"]["uncond"]
+    log(f"{'uncond':7} {'base':6} {m['fidelity']:6.3f}")
+    margins = " ".join(f"{v:+.3f} (se {se:.3f})" for v, se in
+                       zip(needs["margin_per_seed"], needs["margin_se_per_seed"]))
+    log(f"\nneeds-both: E+K minus the best single-condition ceiling "
+        f"({needs['best_single_ceiling']:.3f}) per seed: {margins}; mean "
+        f"{needs['margin_mean']:+.3f} +- {needs['margin_std']:.3f}")
+    log(f"seen pairs (mean of E+D, D+K) per seed: {res['health']['seen_pairs_per_seed']}")
+    for arm, table in res.get("ablations", {}).items():
+        log(f"ablation {arm} (seed {table['seeds']}): fidelity "
+            + " ".join(f"{c} {v:.3f}" for c, v in table["fidelity"].items())
+            + f" | needs-both E+K {table['needs_both_EK']:.3f}, margin "
+            + f"{table['needs_both_margin']:+.3f}")
+    log(f"CPU time {res['cpu_time_s']:.0f} s ({res['cpu_time_s_without_ablations']:.0f} s "
+        f"without the ablations)")
+    log(f"KV-cache speed-up {res['kv_cache_speedup']:.1f}x (median of "
+        f"{len(res['kv_cache_speedup_repeats'])}), identical greedy tokens "
+        f"{res['kv_cache_identical']}\ngoals: {res['goals']}")
 
 
-def run_seed(cfg, seed, arm, train_set, test_set, device):
-    """Train one arm with one seed, evaluate every combo -> ({combo: metrics}, model, samples)."""
+def run_seed(cfg, seed, arm, test_sets, train_set, device):
+    """Train one arm with one seed; evaluate every combo on each test set -> (metrics per set,
+    model, samples per set)."""
     set_seed(seed)  # every arm: the same initial draw (where shapes agree) and the same batches
     model = ContextAR(cfg, **ARMS[arm]).to(device)
     log(f"arm {arm}, seed {seed}: {sum(p.numel() for p in model.parameters())} parameters")
@@ -810,51 +1018,83 @@ def run_seed(cfg, seed, arm, train_set, test_set, device):
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     metrics = {}
     samples = {}
-    for name, combo in EVAL_COMBOS.items():
-        metrics[name], samples[name] = evaluate(model, test_set, combo, cfg, device, gen)
-    metrics["uncond"], samples["uncond"] = evaluate(model, test_set, (), cfg, device, gen, True)
+    for set_name, (data, group) in test_sets.items():
+        metrics[set_name] = {}
+        samples[set_name] = {}
+        for name, combo in EVAL_COMBOS.items():
+            out = evaluate(model, data, combo, cfg, device, gen, group=group)
+            metrics[set_name][name] = out[0]
+            samples[set_name][name] = out[1]
+    out = evaluate(model, test_sets["all"][0], (), cfg, device, gen, null=True)
+    metrics["all"]["uncond"] = out[0]
     return metrics, model, samples
 
 
 def run(cfg):
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 6), batch=8, width=32, layers=1,
-                                  heads=2, n_train=64, n_eval=6, log_every=3)
+                                  heads=2, n_train=64, n_eval=6, n_needs_both=4,
+                                  samples_per_scene=2, log_every=3)
     device = pick_device(cfg.device)
     log(f"config: {dataclasses.asdict(cfg)}")
     set_seed(cfg.seed)
-    train_set, test_set = load_scenes(cfg, np.random.default_rng(cfg.seed))
-    log(f"data: {len(train_set['image'])} train / {len(test_set['image'])} test scenes, "
-        f"e.g. '{test_set['prompts'][0]}'")
+    rng = np.random.default_rng(cfg.seed)
+    train_set, test_set = load_scenes(cfg, rng)
+    needs = needs_both_scenes(test_set if cfg.data else None, rng, cfg.n_needs_both, cfg.p_bar)
+    n_needs = len(needs["prompts"])
+    require(n_needs > 0, "no test scene needs both E and K: use more test rows with two bars")
+    log(f"data: {len(train_set['image'])} train / {len(test_set['image'])} test scenes "
+        f"(+ {n_needs} needing both E and K), e.g. '{test_set['prompts'][0]}'")
     mask3 = build_attention_mask(COND_TYPES, CELLS, TEXT_LEN)  # E+D+K: the pairs each mask keeps
     S = len(mask3)
     pairs = {"context": int(mask3.sum()), "causal": S * (S + 1) // 2, "dense": S * S}
     log(f"attention pairs for E+D+K (S={S}): {pairs} (a dense boolean mask computes them all)")
+    ceilings = {c: mean_ceiling(combo, test_set) for c, combo in EVAL_COMBOS.items()}
+    needs_ceilings = {c: mean_ceiling(combo, needs) for c, combo in EVAL_COMBOS.items()}
+    log(f"ceilings, all test scenes: {ceilings}\nceilings, needs-both scenes: {needs_ceilings}")
+    test_sets = {"all": (test_set, 1),
+                 "needs_both": (repeat_rows(needs, cfg.samples_per_scene), cfg.samples_per_scene)}
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     res = {"config": dataclasses.asdict(cfg), "seeds": seeds, "unseen": UNSEEN,
            "attention_pairs": pairs, "arms": {}}
-    t0 = time.process_time()
     per_seed = []
     for seed in seeds:
-        metrics, model, samples = run_seed(cfg, seed, "full", train_set, test_set, device)
+        metrics, model, samples = run_seed(cfg, seed, "full", test_sets, train_set, device)
         per_seed.append(metrics)
         if seed == seeds[0]:
-            shown = {c: samples[c] for c in ("E", "K", "E+K", "E+D+K", "text", "uncond")}
-            speedup, identical = kv_cache_speedup(model, test_set, device)
-    res["train_eval_cpu_time_s"] = time.process_time() - t0
-    full = mean_over_seeds(per_seed)
+            step = cfg.samples_per_scene
+            shown = {c: samples["needs_both"][c][::step] for c in ("E", "K", "E+K", "text")}
+            speedups, identical = kv_cache_speedup(model, test_set, device)
+    full = mean_over_seeds([m["all"] for m in per_seed])
     res["arms"]["uncond"] = {"uncond": full.pop("uncond")}
+    for combo in full:
+        full[combo]["ceiling"] = ceilings[combo]
     res["arms"]["full"] = full
+    res["needs_both"] = needs_both_summary([m["needs_both"] for m in per_seed], n_needs,
+                                           cfg.samples_per_scene, needs_ceilings)
+    seen_pairs = [(m["all"]["E+D"]["fidelity"] + m["all"]["D+K"]["fidelity"]) / 2
+                  for m in per_seed]
+    res["health"] = {"seen_pairs_per_seed": seen_pairs}
+    res["cpu_time_s_without_ablations"] = time.process_time()
     if cfg.ablate:
+        res["ablations"] = {}
         for arm in ("no_type", "rope_1d", "causal"):
-            metrics = run_seed(cfg, seeds[0], arm, train_set, test_set, device)[0]
-            metrics.pop("uncond")
-            res["arms"][arm] = mean_over_seeds([metrics])
-    res["kv_cache_speedup"] = speedup
+            metrics = run_seed(cfg, seeds[0], arm, test_sets, train_set, device)[0]
+            summary = needs_both_summary([metrics["needs_both"]], n_needs, cfg.samples_per_scene,
+                                         needs_ceilings)
+            res["ablations"][arm] = {
+                "seeds": seeds[:1],
+                "fidelity": {c: m["fidelity"] for c, m in metrics["all"].items()},
+                "needs_both_EK": summary["fidelity"]["E+K"],
+                "needs_both_margin": summary["margin_mean"]}
+    res["kv_cache_speedup"] = float(np.median(speedups))
+    res["kv_cache_speedup_repeats"] = speedups
     res["kv_cache_identical"] = identical
+    res["goals"] = goals(res)
+    res["cpu_time_s"] = time.process_time()
     print_table(res)
     os.makedirs(cfg.out, exist_ok=True)
-    plot(os.path.join(cfg.out, "contextar.png"), test_set, shown)
+    plot(os.path.join(cfg.out, "contextar.png"), needs, shown, res["needs_both"])
     save_json(os.path.join(cfg.out, "results.json"), res)
     return res
 

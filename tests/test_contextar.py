@@ -133,11 +133,185 @@ def test_true_images_score_perfect_fidelity():
     torch.testing.assert_close(true_parts(data, wrong), torch.zeros(16, 3))
 
 
+def bar_bar_scene():
+    # two horizontal bars far apart: object 1 centred (3, 1), object 2 centred (4, 5); every
+    # orientation of either fits and none overlaps, so the maps are easy to reason about
+    layers = torch.from_numpy(C.layer_map(("bar", "bar"), [(3, 1, 0), (4, 5, 0)]))[None]
+    keys = torch.tensor([[3 * 8 + 1, 4 * 8 + 5]])
+    return {"prompt": "day summer red bar blue bar", "cond": C.condition_maps(layers, keys)[0]}
+
+
+def test_ceilings_of_a_two_bar_scene_by_hand():
+    scene = bar_bar_scene()
+    # E: both bars' cells are edges, so E cannot say which bar is object 1: two layouts. Drawing
+    # the swapped one scores edge F1 1, layer accuracy 0, keypoint hit 0 -> 1/3; best: (1 + 1/3) / 2
+    torch.testing.assert_close(C.ceiling(("E",), scene), 2 / 3)
+    # K: centres known, orientations not: 4 layouts. One bar turned: F1 (2 * 4) / 12 = 2/3, layer
+    # accuracy 4/8, hit 1 -> 13/18; both turned: F1 4/12, accuracy 2/10, hit 1 -> 23/45;
+    # best = (1 + 2 * 13/18 + 23/45) / 4
+    torch.testing.assert_close(C.ceiling(("K",), scene), (1 + 2 * 13 / 18 + 23 / 45) / 4)
+    for combo in (("E", "K"), ("D",), ("E", "D", "K")):
+        assert C.ceiling(combo, scene) == 1.0
+    assert C.ceiling((), scene) < C.ceiling(("K",), scene)
+    assert C.needs_both(scene)
+    square = dict(scene, prompt="day summer red square blue bar")  # E tells a square from a bar
+    layers = torch.from_numpy(C.layer_map(("square", "bar"), [(3, 1, 0), (4, 5, 0)]))[None]
+    square["cond"] = C.condition_maps(layers, torch.tensor([[25, 37]]))[0]
+    assert C.ceiling(("E",), square) == 1.0 and not C.needs_both(square)
+
+
+def test_fidelity_is_the_mean_of_its_three_parts():
+    parts = torch.tensor([[1.0, 0.5, 0.0], [0.9, 0.6, 0.3]])
+    torch.testing.assert_close(C.fidelity(parts), torch.tensor([0.5, 0.6]))
+    try:
+        C.fidelity(torch.ones(3))
+        raise AssertionError("a (3,) input must raise")
+    except ValueError:
+        pass
+
+
+def test_fidelity_parts_by_hand():
+    # one scene: object 1 = cells 0, 1; object 2 = cell 9; edges: all three; keys (0, 9)
+    layers = torch.zeros(1, 64, dtype=torch.long)
+    layers[0, [0, 1]] = 1
+    layers[0, 9] = 2
+    edges = layers > 0
+    keys = torch.tensor([[0, 9]])
+    # drawn: object 1 only at cell 0, object 2 at cell 9: drawn edges {0, 9}, TP 2,
+    # F1 = 2 * 2 / (2 + 3) = 0.8; union {0, 1, 9}, agree {0, 9} -> 2/3; both keys hit -> 1
+    drawn = torch.zeros(1, 64, dtype=torch.long)
+    drawn[0, 0] = 1
+    drawn[0, 9] = 2
+    got = C.fidelity_parts(drawn, layers, edges, keys)
+    torch.testing.assert_close(got, torch.tensor([[0.8, 2 / 3, 1.0]]))
+    swapped = drawn.clone()
+    swapped[0, 0] = 2
+    swapped[0, 9] = 1  # labels swapped: edges unchanged, agree 0 of 3, keypoints 0 of 2
+    got = C.fidelity_parts(swapped, layers, edges, keys)
+    torch.testing.assert_close(got, torch.tensor([[0.8, 0.0, 0.0]]))
+
+
+def test_type_embedding_by_hand_and_in_the_model():
+    table = torch.tensor([[5.0, 5.0], [1.0, 2.0], [3.0, 4.0]])
+    # ids [0, 2, 1]: id 0 (text, image) adds nothing whatever row 0 holds
+    got = C.type_embedding(torch.tensor([0, 2, 1]), table)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 2.0]]))
+    data, model = scenes(), tiny_model()
+    toks = C.build_tokens(data["text"], data["cond"], data["image"], ("E",))
+    with torch.no_grad():
+        before = model.hidden(toks, ("E",), mask=model.layout(("E",)).mask)
+        model.type_table[1] += 1.0  # the E row
+        after = model.hidden(toks, ("E",), mask=model.layout(("E",)).mask)
+    T = C.TEXT_LEN
+    assert (after[:, T:] - before[:, T:]).abs().max() > 1e-3  # the E block (and the image) move
+    torch.testing.assert_close(after[:, :T], before[:, :T])  # the text does not see the block
+
+
+def test_cfg_logits_by_hand():
+    # l = l_u + s (l_c - l_u): cond [1, 2], uncond [0, 4], s = 3 -> [0 + 3, 4 - 6] = [3, -2]
+    got = C.cfg_logits(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0]), 3.0)
+    torch.testing.assert_close(got, torch.tensor([3.0, -2.0]))
+    torch.testing.assert_close(C.cfg_logits(torch.tensor([1.0]), torch.tensor([7.0]), 1.0),
+                               torch.tensor([1.0]))
+
+
+def test_cfg_scale_0_samples_the_unconditional_branch():
+    # s = 0: l = l_uncond, so CFG sampling equals sampling from null text and no blocks (same
+    # random draws at T = 1); s = 1 samples the conditional branch, which differs
+    data, model = scenes(), tiny_model()
+
+    def draw(text, combo, scale):
+        gen = torch.Generator().manual_seed(0)
+        return C.sample(model, text, data["cond"], combo, 1.0, scale, gen)
+
+    null = torch.full_like(data["text"], C.NULL_TEXT)
+    plain = draw(null, (), 1.0)
+    torch.testing.assert_close(draw(data["text"], ("E", "K"), 0.0), plain, rtol=0, atol=0)
+    assert not torch.equal(draw(data["text"], ("E", "K"), 1.0), plain)
+
+
+def test_cfg_dropout_mask_by_hand():
+    # text 1, one block of 2, image 2: S = 5; sample 0 dropped, sample 1 kept
+    mask = C.build_attention_mask(["E"], 2, 1)
+    got = C.cfg_dropout_mask(mask, torch.tensor([True, False]), 1, 2)
+    assert got.shape == (2, 1, 5, 5)
+    want = mask.clone()
+    want[3:, 1:3] = False  # the image rows lose the block columns; the text stays
+    assert torch.equal(got[0, 0], want) and torch.equal(got[1, 0], mask)
+
+
+def test_training_drops_conditions_and_never_sees_unseen_combos(monkeypatch):
+    # spy on the loss: which combos train, and how many samples lose text and blocks
+    calls = []
+    real = C.image_nll
+
+    def spy(model, text, cond, image, combo, mask=None):
+        calls.append((combo, text.clone(), mask.clone()))
+        return real(model, text, cond, image, combo, mask)
+
+    monkeypatch.setattr(C, "image_nll", spy)
+    torch.manual_seed(0)
+    cfg = C.Config(steps=60, batch=8, width=16, heads=2, layers=1, p_uncond=0.25, log_every=100)
+    model = C.ContextAR(cfg)
+    C.train(model, scenes(16), cfg, torch.device("cpu"))
+    combos = {combo for combo, _, _ in calls}
+    assert combos == set(C.TRAIN_COMBOS)
+    assert all(not ("E" in c and "K" in c) for c in combos)  # E+K and E+D+K stay unseen
+    dropped = torch.cat([(text == C.NULL_TEXT).all(1) for _, text, _ in calls])
+    assert 0.15 < dropped.float().mean() < 0.35  # about p_uncond of the samples
+    for combo, text, mask in calls:
+        if combo:
+            S = mask.shape[-1]
+            sees_blocks = mask[:, 0, S - C.CELLS:, C.TEXT_LEN:S - C.CELLS].any(-1).any(-1)
+            assert torch.equal(sees_blocks, ~(text == C.NULL_TEXT).all(1))
+
+
+def test_needs_both_summary_margin_by_hand():
+    ceilings = {c: 0.5 for c in C.EVAL_COMBOS}
+    ceilings["E"] = 0.6
+    ceilings["K"] = 0.8
+    seeds = []
+    for fid in (0.9, 0.85):
+        seeds.append({c: {"fidelity": fid, "fidelity_se": 0.01} for c in C.EVAL_COMBOS})
+    out = C.needs_both_summary(seeds, 40, 4, ceilings)
+    # margin = E+K fidelity - max(ceiling E, ceiling K) = 0.9 - 0.8, 0.85 - 0.8
+    torch.testing.assert_close(torch.tensor(out["margin_per_seed"]), torch.tensor([0.1, 0.05]))
+    assert out["fidelity_min_seed"]["E+K"] == 0.85 and out["best_single_ceiling"] == 0.8
+    torch.testing.assert_close(out["fidelity"]["E"], 0.875)
+
+
 def test_smoke_writes_the_issue_keys(tmp_path):
-    res = C.main(["--smoke", "--out", str(tmp_path)])
+    res = C.main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
     assert set(saved["arms"]["full"]) == set(C.EVAL_COMBOS) and saved["unseen"] == ["E+K", "E+D+K"]
-    for key in C.KEYS:
-        assert key in saved["arms"]["full"]["E+K"] and key in saved["arms"]["uncond"]["uncond"]
+    for key in C.KEYS + ("ceiling",):
+        assert key in saved["arms"]["full"]["E+K"]
+    needs = saved["needs_both"]
+    assert needs["n_scenes"] == 4 and len(needs["margin_per_seed"]) == len(saved["seeds"]) == 2
+    for key in ("fidelity", "fidelity_min_seed", "ceiling"):
+        assert set(needs[key]) == set(C.EVAL_COMBOS)
+    assert needs["ceiling"]["E+K"] == 1.0 and needs["ceiling"]["E"] < 1
     assert "kv_cache_speedup" in saved and res["kv_cache_identical"]
     assert os.path.getsize(os.path.join(tmp_path, "contextar.png")) > 100
+
+
+def test_embeddings_text_by_slot_and_word_conditions_by_type():
+    # with no transformer blocks, hidden() returns h_0: text slot j with word w reads row
+    # j * N_TEXT_IDS + w of text_emb; a condition token reads tok_emb + the type row
+    data, model = scenes(2), tiny_model()
+    model.blocks = torch.nn.ModuleList()
+    combo = ("K",)
+    toks = C.build_tokens(data["text"], data["cond"], data["image"], combo)
+    with torch.no_grad():
+        h0 = model.hidden(toks, combo, mask=model.layout(combo).mask)
+    for j in range(C.TEXT_LEN):
+        row = j * C.N_TEXT_IDS + data["text"][:, j]  # (B,)
+        torch.testing.assert_close(h0[:, j], model.text_emb.weight[row])
+    k_token = C.TEXT_LEN + 5  # the 6th cell of the K block
+    want = model.tok.weight[toks[:, k_token]] + model.type_table[1 + C.COND_TYPES.index("K")]
+    torch.testing.assert_close(h0[:, k_token], want)
+    image_token = C.TEXT_LEN + C.CELLS + 3  # no type embedding on the image
+    torch.testing.assert_close(h0[:, image_token], model.tok.weight[toks[:, image_token]])
+    # the same colour in the two colour slots is two different vectors
+    assert not torch.equal(model.text_emb.weight[2 * C.N_TEXT_IDS + 4],
+                           model.text_emb.weight[4 * C.N_TEXT_IDS + 4])
