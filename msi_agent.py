@@ -824,6 +824,10 @@ def success_rate_and_gc(episodes):
     return sr, gc
 
 
+def success_rate(episodes):
+    return success_rate_and_gc(episodes)[0]
+
+
 # --- training: the planner learns to follow whatever rule lines it is given ---
 
 
@@ -884,6 +888,14 @@ def planner_loss(verb_logits, arg_logits, ptr_logits, y, ptr):
     return loss_verb, loss_arg, loss_ptr
 
 
+def plan_exact(verb_logits, arg_logits, ptr_logits, y, ptr):
+    """Share of demonstrations planned exactly: every verb, argument and pointer bit right."""
+    verb_ok = (verb_logits.argmax(-1) == y[..., 0]) | (y[..., 0] < 0)  # (B, T)
+    arg_ok = (arg_logits.argmax(-1) == y[..., 1]) | (y[..., 1] < 0)  # (B, T)
+    ptr_ok = (((ptr_logits > 0).float() == ptr) | (ptr < 0)).all(-1)  # (B, T)
+    return (verb_ok & arg_ok & ptr_ok).all(1).float().mean().item()
+
+
 def train_planner(cfg, device, max_len):
     rng = random.Random(cfg.seed + 1)
     model = Planner(cfg.d_model, cfg.n_layer, cfg.n_head, max_len).to(device)
@@ -910,11 +922,7 @@ def train_planner(cfg, device, max_len):
         (loss_verb + loss_arg + loss_ptr).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        # a demonstration is planned exactly when every verb, argument and pointer bit is right
-        verb_ok = (verb_logits.argmax(-1) == y[..., 0]) | (y[..., 0] < 0)  # (B, T)
-        arg_ok = (arg_logits.argmax(-1) == y[..., 1]) | (y[..., 1] < 0)  # (B, T)
-        ptr_ok = (((ptr_logits > 0).float() == ptr) | (ptr < 0)).all(-1)  # (B, T)
-        exact.append((verb_ok & arg_ok & ptr_ok).all(1).float().mean().item())
+        exact.append(plan_exact(verb_logits, arg_logits, ptr_logits, y, ptr))
         if step % cfg.log_every == 0 or step == cfg.steps:
             log_progress(step, cfg.steps, start, loss_verb=loss_verb.item(),
                          loss_arg=loss_arg.item(), loss_ptr=loss_ptr.item(),
@@ -1052,10 +1060,9 @@ def arm_metrics(rows, test_in, test_ood, selection, budget, model, device):
         metrics[f"{domain}plans_as_applier"] = sum(agree) / max(1, len(agree))
     flipped = [needs_flipped_rule(t) for t in test_ood]
     ood = evaluate(rows, test_ood, selection, budget)
-    metrics["ood_sr_rule_applier_flipped"] = success_rate_and_gc(
-        [e for e, f in zip(ood, flipped) if f])[0]
-    metrics["ood_sr_rule_applier_other"] = success_rate_and_gc(
-        [e for e, f in zip(ood, flipped) if not f])[0]
+    metrics["ood_sr_rule_applier_flipped"] = success_rate([e for e, f in zip(ood, flipped) if f])
+    metrics["ood_sr_rule_applier_other"] = success_rate(
+        [e for e, f in zip(ood, flipped) if not f])
     return metrics
 
 
@@ -1068,7 +1075,7 @@ def run_seed(cfg, model, device, seed, test_in, db_path):
     if db_path != ":memory:" and os.path.exists(db_path):
         os.remove(db_path)
     dbs = {"msi": InsightDB(db_path), "success": InsightDB(), "flat": InsightDB()}
-    induction = {"explore_sr": success_rate_and_gc(episodes)[0]}
+    induction = {"explore_sr": success_rate(episodes)}
     for name, mode, scoped in (("msi", "pair", True), ("success", "success", True),
                                ("flat", "pair", False)):
         induction[name] = grow_db(dbs[name], episodes, mode, cfg.pair_batch, SuccessPool(), scoped)
@@ -1084,22 +1091,22 @@ def run_seed(cfg, model, device, seed, test_in, db_path):
         res["arms"][arm] = arm_metrics(rows[store], test_in, test_ood, selection, cfg.budget,
                                        model, device)
     res["controls"] = {
-        "ceiling_true_rules_sr": success_rate_and_gc(
-            evaluate(true_rows(ROOMS), test_in, "hashmap", cfg.max_lines))[0],
-        "ood_true_rules_hashmap_sr": success_rate_and_gc(
-            evaluate(true_rows(()), test_ood, "hashmap", cfg.budget))[0],
-        "ood_true_rules_general_sr": success_rate_and_gc(
-            evaluate(true_rows(()), test_ood, "general", cfg.budget))[0],
-        "vector_objects_hidden_sr_rule_applier": success_rate_and_gc(
-            evaluate(rows["msi"], test_in, "vector_no_objects", cfg.budget))[0],
-        "hashmap_room_hidden_sr": success_rate_and_gc(
-            evaluate(rows["msi"], test_in, "hashmap", cfg.budget, model, device, True))[0],
+        "ceiling_true_rules_sr": success_rate(
+            evaluate(true_rows(ROOMS), test_in, "hashmap", cfg.max_lines)),
+        "ood_true_rules_hashmap_sr": success_rate(
+            evaluate(true_rows(()), test_ood, "hashmap", cfg.budget)),
+        "ood_true_rules_general_sr": success_rate(
+            evaluate(true_rows(()), test_ood, "general", cfg.budget)),
+        "vector_objects_hidden_sr_rule_applier": success_rate(
+            evaluate(rows["msi"], test_in, "vector_no_objects", cfg.budget)),
+        "hashmap_room_hidden_sr": success_rate(
+            evaluate(rows["msi"], test_in, "hashmap", cfg.budget, model, device, True)),
     }
     res["budget_sweep"] = {}
     for budget in cfg.sweep.split(","):
         res["budget_sweep"][budget] = {
-            arm: success_rate_and_gc(evaluate(rows[ARMS[arm][0]], test_in, ARMS[arm][1],
-                                              int(budget)))[0] for arm in SWEEP_ARMS}
+            arm: success_rate(evaluate(rows[ARMS[arm][0]], test_in, ARMS[arm][1], int(budget)))
+            for arm in SWEEP_ARMS}
     # sequential domain shift: insights from kitchen -> + livingroom -> + bedroom, kitchen tests
     test_kitchen = [sample_task(rng, "kitchen") for _ in range(cfg.eval_episodes)]
     stages = []
@@ -1114,7 +1121,7 @@ def run_seed(cfg, model, device, seed, test_in, db_path):
         for stage in stages:
             grow_db(db, stage, "pair", cfg.pair_batch, pool, scoped)
             kitchen = evaluate(db.select(), test_kitchen, selection, cfg.budget, model, device)
-            srs.append(success_rate_and_gc(kitchen)[0])
+            srs.append(success_rate(kitchen))
         db.close()
         res["domain_shift"][name] = {"sr_kitchen": srs[0], "sr_plus_livingroom": srs[1],
                                      "sr_plus_bedroom": srs[2], "sr_drop": srs[0] - srs[2]}

@@ -311,6 +311,7 @@ def test_apply_rules_and_success_rate_by_hand():
     # SR 1 of 3; GC (3 + 1 + 0) / (3 + 3 + 2)
     torch.testing.assert_close(torch.tensor([sr, gc]), torch.tensor([1 / 3, 4 / 8]))
     assert m.success_rate_and_gc([]) == (0.0, 0.0)
+    assert m.success_rate(eps) == sr
 
 
 # --- induction ---
@@ -394,6 +395,26 @@ def test_generate_insights_ops_by_hand():
     ops = m.generate_insights(flat, [[(WIN2, FAIL)], [(WIN, FAIL)]], m.SuccessPool(), scoped=False)
     assert ops == {"ADD": 1, "AGREE": 1}
     assert _rows(flat) == {"before take X, open cabinet": ("general", "", "", 3)}
+
+
+def test_edit_generalises_a_concrete_rule_when_a_second_argument_agrees():
+    win_a = _ep("kitchen", ["heat"], [("goto", "apple", -1, True), ("take", "apple", 0, True)], True)
+    fail_a = _ep("kitchen", ["heat"], [("take", "apple", 0, False)], False)
+    win_b = _ep("bedroom", ["heat"], [("goto", "pear", -1, True), ("take", "pear", 0, True)], True)
+    fail_b = _ep("bedroom", ["heat"], [("take", "pear", 0, False)], False)
+    db = m.InsightDB()
+    pool = m.SuccessPool()
+    # "goto apple" before "take apple": the concrete version first, at the kitchen
+    assert m.generate_insights(db, [[(win_a, fail_a)]], pool) == {"ADD": 1}
+    assert _rows(db) == {"before take X, goto apple": ("environment", "kitchen", "", 2)}
+    # the bedroom's "goto pear" before "take pear" agrees on the trigger's own argument: EDIT to X,
+    # score kept at 2 (the bedroom success is outside the kitchen rule's scope: not refuted)
+    assert m.generate_insights(db, [[(win_b, fail_b)]], pool) == {"EDIT": 1}
+    assert _rows(db) == {"before take X, goto X": ("environment", "kitchen", "", 2)}
+    # found again through its X version: its evidence now spans two rooms and one kind, so it
+    # MOVEs to subtask(heat)
+    assert m.generate_insights(db, [[(win_b, fail_b)]], pool) == {"MOVE": 1}
+    assert _rows(db) == {"before take X, goto X (TASK: heat)": ("subtask", "", "heat", 2)}
 
 
 def test_a_rule_refuted_in_its_room_goes_to_its_subtask_and_stays():
@@ -552,6 +573,9 @@ def test_planner_shapes_and_cached_generation():
     torch.testing.assert_close(model(padded, torch.arange(9)[None])[2][:, :6], h)
     out = m.generate(model, prompts, 1, torch.device("cpu"), 3)
     assert len(out) == 2 and all(len(p) <= 3 for p in out)
+    # past the last position the decoder keeps reusing it instead of indexing out of range
+    short = m.Planner(16, 1, 2, 6).eval()
+    assert len(m.generate(short, prompts, 1, torch.device("cpu"), 3)) == 2
     # the KV-cached decoding equals greedy decoding that re-runs the whole sequence every step
     seq = x[:1]
     for (verb, arg), chosen in out[0]:
@@ -567,7 +591,7 @@ def test_training_teaches_the_pointer():
     cfg = m.Config(steps=50, d_model=32, batch_size=32, max_lines=6, budget=4, sweep="3",
                    log_every=50, lr=1e-2)
     torch.manual_seed(0)
-    model, _ = m.train_planner(cfg, torch.device("cpu"), max_len=24)
+    model, exact = m.train_planner(cfg, torch.device("cpu"), max_len=24)
     batch = m.make_batch(random.Random(9), 64, 6)
     with torch.no_grad():
         vl, al, h, _ = model(batch.x, torch.arange(batch.x.shape[1])[None])
@@ -578,6 +602,27 @@ def test_training_teaches_the_pointer():
     # untrained: BCE about log 2 = 0.69 and accuracy about the share of zeros
     assert loss_ptr < 0.35 and accuracy > 0.9, (loss_ptr, accuracy)
     assert loss_verb < 1.0
+    # the share of demonstrations planned exactly over the last log_every steps: a fraction
+    assert 0.0 < exact < 1.0, exact
+
+
+def test_plan_exact_by_hand():
+    # two demonstrations, two positions, vocabulary 3, one line
+    verb = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    arg = torch.zeros(2, 2, 3)  # argmax 0 everywhere
+    y = torch.tensor([[[1, 0], [2, -1]], [[1, 0], [-1, -1]]])
+    ptr_logits = torch.tensor([[[1.0], [-1.0]], [[1.0], [-1.0]]])
+    ptr = torch.tensor([[[1.0], [-1.0]], [[1.0], [0.0]]])
+    # row 0: verbs 1, 2 right, args 0 (and ignored) right, pointer bit 1 right -> exact
+    # row 1: verb 0 where 1 is due -> not exact
+    assert m.plan_exact(verb, arg, ptr_logits, y, ptr) == 0.5
+    ptr_wrong = torch.tensor([[[0.0], [-1.0]], [[1.0], [0.0]]])  # row 0's pointer bit now wrong
+    assert m.plan_exact(verb, arg, ptr_logits, y, ptr_wrong) == 0.0
+    y_arg = torch.tensor([[[1, 1], [2, -1]], [[1, 0], [-1, -1]]])  # row 0 wants argument 1
+    assert m.plan_exact(verb, arg, ptr_logits, y_arg, ptr) == 0.0
+    ignored = torch.tensor([[[1.0], [-1.0]], [[1.0], [-1.0]]])
+    verb[1, 0] = torch.tensor([0.0, 1.0, 0.0])  # row 1 right too; its pointer -1 is ignored
+    assert m.plan_exact(verb, arg, ptr_logits, y, ignored) == 1.0
 
 
 # --- evaluation ---
