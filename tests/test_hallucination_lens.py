@@ -140,6 +140,9 @@ def test_balanced_accuracy_hand_count():
     assert hl.balanced_accuracy(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 1])) == 0.75
     # all predicted 0 on a 3:1 set: plain accuracy would be 0.75, balanced is (0 + 1) / 2 = 0.5
     assert hl.balanced_accuracy(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1])) == 0.5
+    # a class that is absent counts 0, not NaN: TPR = 0 / 0 -> 0, TNR = 2/2 -> 0.5
+    assert hl.balanced_accuracy(torch.tensor([0, 0]), torch.tensor([0, 0])) == 0.5
+    assert hl.balanced_accuracy(torch.tensor([1, 1]), torch.tensor([1, 1])) == 0.5
     with pytest.raises(ValueError):
         hl.balanced_accuracy(torch.tensor([[1], [0]]), torch.tensor([1, 0]))
 
@@ -206,14 +209,26 @@ def test_classifier_separates_and_matches_a_hand_count(kind):
         hl.train_linear_classifier(X, y[:, None], kind)
 
 
-@pytest.mark.parametrize("kind", ["logreg", "svm"])
-def test_classifier_matches_a_plain_optimizer_on_the_same_loss(kind):
-    # overlapping, imbalanced classes; minimize the docstring's loss with L-BFGS on the same
-    # standardized features and compare the weights; then the bias is the best training threshold
+def overlapping_classes(rare):
+    """120 points in 2-D: class 1 shifted by (1, 0.5), or a single rare point at the centre."""
     g = torch.Generator().manual_seed(1)
     y = (torch.rand(120, generator=g) < 0.3).long()
-    X = torch.randn(120, 2, generator=g, dtype=torch.float64) + y[:, None] * torch.tensor([1.0, 0.5],
-                                                                                      dtype=torch.float64)
+    shift = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    X = torch.randn(120, 2, generator=g, dtype=torch.float64) + y[:, None] * shift
+    if rare is not None:  # one point of class `rare` among 119 of the other
+        y = torch.full((120,), 1 - rare)
+        y[0] = rare
+        X[0] = X.mean(0) + 0.1
+    return X, y
+
+
+@pytest.mark.parametrize("rare", [None, 0, 1])
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_classifier_matches_a_plain_optimizer_on_the_same_loss(kind, rare):
+    # minimize the docstring's loss with L-BFGS on the same standardized features and compare
+    # the weights (also with a single sample of one class: its weight c = N / 2); then the bias
+    # is the best training threshold
+    X, y = overlapping_classes(rare)
     clf = hl.train_linear_classifier(X, y, kind)
     z = (X - X.mean(0)) / X.std(0)
     s = 2 * y.double() - 1
@@ -526,6 +541,47 @@ def test_all_hiddens_and_read_lens_match_the_model():
     assert_close(forced.log_odds_out, r.log_odds_gold)
 
 
+def test_hiddens_are_the_residuals_of_a_plain_forward():
+    model = tiny_model()
+    tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        H = model.hiddens(tokens)
+        x = model.tok(tokens) + model.pos(torch.arange(5))
+        expected = [x[:, -1]]
+        for block in model.blocks:
+            h = x + block.proj(attention(block, block.ln1(x)))
+            x = h + block.mlp(block.ln2(h))
+            expected += [h[:, -1], x[:, -1]]
+        assert_close(H, torch.stack(expected, 1))
+        assert_close(model(tokens), model.head(model.ln_f(x[:, -1])))
+
+
+def attention(block, x):
+    """Causal multi-head attention written out with an explicit mask."""
+    B, T, C = x.shape
+    q, k, v = block.qkv(x).split(C, dim=2)
+    hs = C // block.n_heads
+    q = q.view(B, T, block.n_heads, hs).transpose(1, 2)
+    k = k.view(B, T, block.n_heads, hs).transpose(1, 2)
+    v = v.view(B, T, block.n_heads, hs).transpose(1, 2)
+    att = q @ k.transpose(-1, -2) / math.sqrt(hs)
+    att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+    return (att @ v).transpose(1, 2).reshape(B, T, C)
+
+
+def test_first_step_moves_each_weight_by_the_peak_lr():
+    # one step, warm-up of one step: lr = cosine_lr(0, 1, lr, 1) = lr; Adam's first update is
+    # lr · g / (|g| + eps) ≈ ±lr for every weight with a gradient (no weight decay here)
+    tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
+    answers = torch.arange(8) % 11
+    model = hl.TinyLM(11, 5, 16, 1, 2)
+    before = model.head.weight.detach().clone()
+    cfg = hl.Config(steps=1, batch_size=8, lr=1e-2, weight_decay=0.0, log_every=1)
+    hl.train(model, tokens, answers, torch.arange(8), cfg, 0, torch.device("cpu"), dict)
+    moved = (model.head.weight.detach() - before).abs()
+    assert float(moved.max()) == pytest.approx(1e-2, rel=1e-3)
+
+
 def test_training_fits_the_trained_prompts():
     torch.manual_seed(0)
     tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
@@ -599,6 +655,7 @@ def test_smoke_writes_results(tmp_path):
         shares = k["mixed_share"] + k["all_right_share"] + k["all_wrong_share"]
         assert shares == pytest.approx(1.0, abs=1e-3)
         assert len(k["during_training"]) == 2  # steps 75 and 150
+        assert all(0 <= h["acc_train"] <= 1 for h in k["during_training"])
         assert 0 <= k["link_accuracy"] <= 1
     assert os.path.exists(os.path.join(tmp_path, "hallucination_lens.png"))
     assert set(saved["arms"]) == set(hl.DETECTORS)
