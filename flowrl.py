@@ -827,9 +827,10 @@ def run(cfg):
     tiered_target = None
     for seed in seeds:
         set_seed(seed)
-        ref = Policy(cfg.d_model, cfg.hidden).to(device)  # π_ref = the initial model, frozen
+        # π_ref = the initial model, frozen: never optimized, only scored under no_grad
+        ref = Policy(cfg.d_model, cfg.hidden).to(device)
         init_state = copy.deepcopy(ref.state_dict())
-        ref.eval().requires_grad_(False)
+        ref.eval()
         log(f"seed {seed}: policy {sum(p.numel() for p in ref.parameters()):,} parameters; "
             f"device {device}; prompts {targets}; N(s) {[n_valid(s) for s in targets]}")
         ref_logpi = exact_logprobs(ref, targets, device)  # (P, 10000)

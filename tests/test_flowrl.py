@@ -166,6 +166,19 @@ def test_grpo_token_mean_over_the_mask():
         flowrl.grpo_loss(logp, logp, logp, mask, torch.zeros(2, 1))
 
 
+def test_empty_answers_give_no_nan():
+    # a batch whose mask is all zero (no response tokens): every loss is finite
+    logp = torch.full((2, 3), -1.0)
+    empty = torch.zeros(2, 3)
+    zeros = torch.zeros(2)
+    losses = [flowrl.grpo_loss(logp, logp, logp, empty, zeros + 1)[0],
+              flowrl.flowrl_loss(logp, logp, logp, empty, zeros, zeros + 1)[0],
+              flowrl.kl_pg_loss(logp, logp, logp, empty, zeros + 1, zeros)[0],
+              flowrl.ppo_loss(logp, logp, empty, logp, logp, logp, logp)[0]]
+    for loss in losses:
+        assert torch.isfinite(loss)
+
+
 def test_kl_pg_loss_hand_computed():
     # two 2-token answers; A = r̂ − kl_weight · Σ_t (logp − ref) − b, w = clip(e^{Σ(logp − old)})
     logp = torch.tensor([[-1.0, -1.0], [-2.0, -0.5]], requires_grad=True)
@@ -306,6 +319,12 @@ def test_ppo_loss_clipped_value_and_surrogate():
                                   torch.tensor([[1.0, -1.0]]), v, v, v, clip_eps=0.2)
     assert_close(stats["pg_loss"], torch.tensor(0.15))
     assert_close(loss, torch.tensor(0.15))
+    # the stats are detached numbers, the loss carries the gradient
+    v = v.clone().requires_grad_(True)
+    loss, stats = flowrl.ppo_loss(logp, torch.zeros(1, 2), torch.ones(1, 2),
+                                  torch.tensor([[1.0, -1.0]]), v, v.detach(), v.detach() + 1)
+    assert loss.requires_grad
+    assert not stats["vf_loss"].requires_grad and not stats["pg_loss"].requires_grad
 
 
 # --- data, model and rollouts ---
@@ -360,6 +379,37 @@ def test_sample_follows_the_policy():
     assert_close(freq, pi_first[0, 0].exp(), atol=0.03, rtol=0)
 
 
+def test_log_z_head_is_the_official_mlp_on_the_mean_prompt_state():
+    head = flowrl.LogZHead(8)
+    layers = [type(m).__name__ for m in head.net]
+    assert layers == ["Linear", "GELU", "LayerNorm", "Dropout"] * 2 + ["Linear"]
+    assert head.net[3].p == 0.1
+    assert head(torch.zeros(5, 8)).shape == (5,)
+    # log Z reads the prompt only: the mean over the prompt's hidden states, whatever the answer
+    model = small_policy(0)
+    prompts = flowrl.encode_prompts([10, 21])
+    with torch.no_grad():
+        a = flowrl.score(model, prompts, torch.tensor([[1, 2, 3, 4], [5, 5, 5, 5]])).log_z
+        b = flowrl.score(model, prompts, torch.tensor([[9, 0, 0, 0], [0, 0, 0, 0]])).log_z
+        h, _ = model(prompts)  # (2, 3, H)
+        expected = model.log_z(h.mean(dim=1))
+    assert_close(a, b)
+    assert_close(a, expected)
+
+
+def test_load_targets(tmp_path):
+    assert flowrl.load_targets("", False) == [10, 12, 14, 16, 18, 20, 22, 24]
+    assert flowrl.load_targets("", True) == [10, 14, 18, 22]
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"target": 0}\n\n{"target": 36}\n')
+    assert flowrl.load_targets(str(good), False) == [0, 36]
+    for bad_value in ("37", "-1", "12.5"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"target": %s}\n' % bad_value)
+        with pytest.raises(flowrl.BadInput):
+            flowrl.load_targets(str(bad), False)
+
+
 def test_exact_evaluator_sums_to_one_and_matches_score():
     model = small_policy(0)
     with torch.no_grad():
@@ -407,7 +457,8 @@ def hand_rollout(model, ref):
     with torch.no_grad():
         now = flowrl.score(model, prompts, answers)
         ref_logp = flowrl.score(ref, prompts, answers).logp
-    shift = torch.tensor([0.0, 0.1, -0.1, 0.3, -0.3, 0.05, 0.0, -0.02])[:, None]
+    # log w = Σ_t (logp − old_logp) = −4 · shift: w = 1, 0.67, 1.49, 0.30, 7.39, 0.82, 1, 1.08
+    shift = torch.tensor([0.0, 0.1, -0.1, 0.3, -0.5, 0.05, 0.0, -0.02])[:, None]
     old_logp = now.logp + shift  # (8, 4)
     reward = flowrl.reward_fn(answers, targets, "digitsum")  # 1, 0, 1, 0 | 1, 0, 0, 1
     r_hat = flowrl.group_normalize(reward.view(2, 4)).view(-1)
@@ -415,24 +466,27 @@ def hand_rollout(model, ref):
                           ref_logp, reward, r_hat)
 
 
-@pytest.mark.parametrize("algo,coef", [("flowrl", 2.0), ("kl_pg", 0.25), ("grpo", 0.5),
-                                       ("grpo_kl", 0.1), ("ppo", 0.0)])
-def test_update_uses_the_right_loss_and_inputs(algo, coef):
+@pytest.mark.parametrize("algo,coef,official", [("flowrl", 2.0, False), ("flowrl", 2.0, True),
+                                                ("kl_pg", 0.25, False), ("kl_pg", 0.25, True),
+                                                ("grpo", 0.5, False), ("grpo_kl", 0.1, False),
+                                                ("ppo", 0.0, False)])
+def test_update_uses_the_right_loss_and_inputs(algo, coef, official):
     model = small_policy(0)  # eval mode: no dropout in the log Z head, so the loss is repeatable
     ref = small_policy(1)
     roll = hand_rollout(model, ref)
     assert not torch.equal(roll.reward, roll.r_hat)
-    cfg = flowrl.Config(group=4, lam=0.9, clip_eps=0.1)
+    cfg = flowrl.Config(group=4, lam=0.9, clip_eps=0.1, official_clamp=official)
+    w_max = 10.0 if official else None  # the official clamp(w, max = 10) keeps w = 7.39
     mask = roll.mask
     with torch.no_grad():
         now = flowrl.score(model, roll.prompts, roll.answers)
     if algo == "flowrl":
         expected, _ = flowrl.flowrl_loss(now.logp, roll.old_logp, roll.ref_logp, mask, now.log_z,
-                                         roll.r_hat, beta=coef, clip_eps=0.1)
+                                         roll.r_hat, beta=coef, clip_eps=0.1, w_max=w_max)
     elif algo == "kl_pg":
         b = flowrl.kl_pg_baseline(roll.r_hat, roll.old_logp, roll.ref_logp, mask, coef, 4)
         expected, _ = flowrl.kl_pg_loss(now.logp, roll.old_logp, roll.ref_logp, mask, roll.r_hat,
-                                        b, kl_weight=coef, clip_eps=0.1)
+                                        b, kl_weight=coef, clip_eps=0.1, w_max=w_max)
     elif algo == "ppo":
         adv, returns = flowrl.ppo_advantages(roll.reward, roll.old_values, mask, 0.9)
         expected, _ = flowrl.ppo_loss(now.logp, roll.old_logp, mask, adv, now.values,
@@ -478,7 +532,7 @@ def test_make_optimizer_gives_log_z_its_learning_rate():
         p.numel() for p in model.parameters())
 
 
-def test_training_raises_accuracy_for_every_arm():
+def test_training_raises_accuracy_for_every_arm(capsys):
     # a known direction: 40 steps on 2 prompts from a near-uniform policy (accuracy 0.05) must
     # raise the exact accuracy for each arm (measured: 0.51, 0.94, 0.99, 0.99 at a high learning
     # rate and the paper's β = 15), and leave π_ref untouched
@@ -495,8 +549,13 @@ def test_training_raises_accuracy_for_every_arm():
         out = flowrl.train_arm(arm, cfg, init_state, ref, ref_logpi, targets, 0,
                                torch.device("cpu"))
         assert out["accuracy"] > initial + 0.3, (algo, out["accuracy"], initial)
+        assert 0 < out["cpu_time_s"] < 600 and 0 < out["wall_time_s"] < 600
     for name, tensor in ref.state_dict().items():
         assert torch.equal(tensor, init_state[name])
+    # one progress line per arm: log_every (1000) > steps, so only the last step logs
+    out = capsys.readouterr().out
+    assert out.count("step    40/40") == 4
+    assert out.count("step ") == 4
 
 
 # --- the exact evaluator ---
@@ -556,6 +615,10 @@ def test_summarise_mean_std_worst():
     assert out["std"]["accuracy"] == pytest.approx(0.2)  # unbiased: sqrt((0.04 + 0.04) / 2)
     assert out["worst"] == {"accuracy": 0.5, "kl_to_target": 3.0}
     assert out["per_seed"] == rows
+    # two seeds: unbiased std |a − b| / √2 = 0.2 / 1.41421; one seed: std 0
+    two = flowrl.summarise(rows[:2])
+    assert two["std"]["accuracy"] == pytest.approx(0.4 / math.sqrt(2))
+    assert flowrl.summarise(rows[:1])["std"] == {"accuracy": 0.0, "kl_to_target": 0.0}
 
 
 def test_main_arms_tie_kl_pg_to_beta():
@@ -569,9 +632,13 @@ def test_main_arms_tie_kl_pg_to_beta():
 
 
 def test_smoke_writes_every_arm_frontier_and_tiered(tmp_path):
-    flowrl.main(["--smoke", "--out", str(tmp_path), "--seed", "5"])
+    # one frontier point per family, each equal to an arm, keeps the test fast
+    flowrl.main(["--smoke", "--out", str(tmp_path), "--seed", "5", "--betas", "0.5,2",
+                 "--kl-coefs", "0.1", "--kl-weights", "0.125"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["seeds"] == [5, 6]
+    smoke = {k: results["config"][k] for k in ("steps", "group", "hidden", "eval_samples", "seeds")}
+    assert smoke == {"steps": 4, "group": 4, "hidden": 16, "eval_samples": 64, "seeds": 2}
     assert list(results["arms"]) == ["flowrl", "grpo", "grpo_kl", "ppo", "kl_pg"]
     for arm in results["arms"].values():
         assert len(arm["per_seed"]) == 2
@@ -582,15 +649,19 @@ def test_smoke_writes_every_arm_frontier_and_tiered(tmp_path):
     assert results["target"]["kl_to_target"] == pytest.approx(0.0, abs=1e-9)
     assert results["initial"]["accuracy"] < 0.2
     coefs = {family: [p["coef"] for p in points] for family, points in results["frontier"].items()}
-    assert coefs == {"flowrl": [1, 1.25, 2, 5], "grpo": [0.001, 0.1, 0.2, 0.25],
-                     "kl_pg": [0.25, 0.2, 0.125, 0.05]}
+    assert coefs == {"flowrl": [0.5, 2], "grpo": [0.1], "kl_pg": [0.125]}
     # a frontier point equal to an arm is the same run (first seed)
-    assert results["frontier"]["flowrl"][2]["accuracy"] == results["arms"]["flowrl"]["per_seed"][0][
-        "accuracy"]
-    assert results["frontier"]["kl_pg"][2]["kl_to_target"] == results["arms"]["kl_pg"]["per_seed"][
-        0]["kl_to_target"]
-    assert results["frontier"]["grpo"][1]["accuracy"] == results["arms"]["grpo_kl"]["per_seed"][0][
-        "accuracy"]
+    first = {name: arm["per_seed"][0] for name, arm in results["arms"].items()}
+    assert results["frontier"]["flowrl"][1]["accuracy"] == first["flowrl"]["accuracy"]
+    assert results["frontier"]["flowrl"][0]["accuracy"] != first["flowrl"]["accuracy"]
+    assert results["frontier"]["kl_pg"][0]["kl_to_target"] == first["kl_pg"]["kl_to_target"]
+    assert results["frontier"]["grpo"][0]["accuracy"] == first["grpo_kl"]["accuracy"]
+    # the default frontiers: FlowRL's β and the KL weights 1/(β|y|) they imply, GRPO around them
+    default = flowrl.frontier_arms(flowrl.Config())
+    assert [a.coef for a in default["flowrl"]] == [1, 1.25, 2, 5]
+    assert [a.coef for a in default["kl_pg"]] == [0.25, 0.2, 0.125, 0.05]
+    assert [a.coef for a in default["grpo"]] == [0.001, 0.1, 0.2, 0.25]
+    assert {a.algo for a in default["grpo"]} == {"grpo"}
     tiered = results["tiered"]
     assert set(tiered["arms"]) == {"flowrl", "kl_pg"}
     assert all(math.isfinite(row["mass_ratio"]) for row in tiered["arms"].values())
