@@ -538,9 +538,9 @@ class InsightDB:
         sql = f"SELECT {', '.join(self.COLS)} FROM insights{where} ORDER BY score DESC, id"
         rows = []
         for row in self.con.execute(sql, [value for _, value in keys]):
-            found = dict(zip(self.COLS[:7], row[:7]))
-            found["evidence"] = json.loads(row[7])
-            found["embedding"] = np.frombuffer(row[8], np.float32)
+            found = dict(zip(self.COLS, row))
+            found["evidence"] = json.loads(found["evidence"])
+            found["embedding"] = np.frombuffer(found["embedding"], np.float32)
             rows.append(found)
         return rows
 

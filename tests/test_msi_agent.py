@@ -167,8 +167,8 @@ def test_parse_user_tasks():
     for bad in ({"room": "attic", "subtasks": ["brew mug"]}, {"room": "kitchen", "subtasks": []},
                 {"room": "kitchen", "subtasks": ["brew apple"]},
                 {"room": "kitchen", "subtasks": ["place book"]}):
-        with pytest.raises(m.BadInput):
-            m.parse_user_tasks([bad], "f")
+        with pytest.raises(m.BadInput, match="--data f, row 2: "):
+            m.parse_user_tasks(rows + [bad], "f")
 
 
 # --- the insight database ---
@@ -357,10 +357,9 @@ def test_most_similar_and_select_experiences():
     e_f = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     # cos rows: [0.6, 1, 0] -> 1; [0.8, 0, 1] -> 2
     assert m.most_similar(e_s, e_f).tolist() == [1, 2]
-    with pytest.raises(ValueError):
-        m.most_similar(e_s[0], e_f)
-    with pytest.raises(ValueError):
-        m.most_similar(e_s, e_f[:, :1])
+    for bad_s, bad_f in ((e_s[0], e_f), (e_s, e_f[0]), (e_s, e_f[:, :1])):
+        with pytest.raises(ValueError, match="most_similar: want"):
+            m.most_similar(bad_s, bad_f)
     other = _ep("bathroom", ["clean"], [("take", "mug", 0, False)], False)
     pairs = m.select_experiences([other, WIN, FAIL], "pair")  # WIN's query is FAIL's, word for word
     assert [(s is WIN, f is FAIL) for s, f in pairs] == [(True, True)]
@@ -587,7 +586,7 @@ def test_planner_shapes_and_cached_generation():
         assert [j for j in range(1) if model.pointer(h[:, -1:], h[:, 4:5])[0, 0, j] > 0] == chosen
 
 
-def test_training_teaches_the_pointer():
+def test_training_teaches_the_pointer(capsys):
     cfg = m.Config(steps=50, d_model=32, batch_size=32, max_lines=6, budget=4, sweep="3",
                    log_every=50, lr=1e-2)
     torch.manual_seed(0)
@@ -604,6 +603,8 @@ def test_training_teaches_the_pointer():
     assert loss_verb < 1.0
     # the share of demonstrations planned exactly over the last log_every steps: a fraction
     assert 0.0 < exact < 1.0, exact
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(logged) == 1 and logged[0].startswith("step    50/50")  # every log_every steps
 
 
 def test_plan_exact_by_hand():
@@ -620,6 +621,8 @@ def test_plan_exact_by_hand():
     assert m.plan_exact(verb, arg, ptr_logits, y, ptr_wrong) == 0.0
     y_arg = torch.tensor([[[1, 1], [2, -1]], [[1, 0], [-1, -1]]])  # row 0 wants argument 1
     assert m.plan_exact(verb, arg, ptr_logits, y_arg, ptr) == 0.0
+    y_pad = torch.tensor([[[1, 0], [0, -1]], [[1, 0], [-1, -1]]])  # verb 0 due, 2 predicted
+    assert m.plan_exact(verb, arg, ptr_logits, y_pad, ptr) == 0.0
     ignored = torch.tensor([[[1.0], [-1.0]], [[1.0], [-1.0]]])
     verb[1, 0] = torch.tensor([0.0, 1.0, 0.0])  # row 1 right too; its pointer -1 is ignored
     assert m.plan_exact(verb, arg, ptr_logits, y, ignored) == 1.0
