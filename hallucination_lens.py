@@ -321,9 +321,9 @@ def token_log_odds(probs, token):
     if probs.dim() != 3 or token.shape != (probs.shape[0],):
         raise ValueError(f"probs (N, P, V) and token (N,) expected, got {tuple(probs.shape)}, "
                          f"{tuple(token.shape)}")
-    index = token[:, None, None].expand(-1, probs.shape[1], 1)  # (N, P, 1)
-    p_token = probs.gather(2, index)[..., 0]  # (N, P)
-    p_rest = probs.scatter(2, index, 0.0).sum(-1)  # (N, P): Σ over the other tokens, no 1 - p
+    is_token = F.one_hot(token, probs.shape[2]).bool()[:, None, :]  # (N, 1, V)
+    p_token = probs.masked_fill(~is_token, 0.0).sum(-1)  # (N, P)
+    p_rest = probs.masked_fill(is_token, 0.0).sum(-1)  # (N, P): Σ over the other tokens, no 1 - p
     return p_token.clamp(min=1e-30).log() - p_rest.clamp(min=1e-30).log()  # (N, P)
 
 
@@ -769,7 +769,7 @@ def run_seed(cfg, seed, facts, device):
         detector[name] = evaluate_detectors(subset, y[mask], folds[mask], template[mask])
 
     def accuracy(rows):
-        return round(float(correct[rows].float().mean()), 4) if rows.any() else None
+        return float(correct[rows].float().mean()) if rows.any() else None
 
     by_template = {}
     for t, text in enumerate(TEMPLATES):
@@ -818,8 +818,11 @@ def summarize(per_seed):
 def print_table(results):
     points = results["points"]
     for s in results["per_seed_knowledge"]:
-        by_template = " | ".join(f"t{t} {v['trained']}/{v['held_out']}"
-                                 for t, v in enumerate(s["by_template"].values()))
+        parts = []
+        for t, v in enumerate(s["by_template"].values()):
+            held_out = "-" if v["held_out"] is None else f"{v['held_out']:.3f}"
+            parts.append(f"t{t} {v['trained']:.3f}/{held_out}")
+        by_template = " | ".join(parts)
         log(f"seed {s['seed']}: facts mixed {s['mixed_share']:.3f}, all right "
             f"{s['all_right_share']:.3f}, all wrong {s['all_wrong_share']:.3f}; accuracy "
             f"trained/held-out by template: {by_template}")

@@ -656,6 +656,8 @@ def test_smoke_writes_results(tmp_path):
         assert shares == pytest.approx(1.0, abs=1e-3)
         assert len(k["during_training"]) == 2  # steps 75 and 150
         assert all(0 <= h["acc_train"] <= 1 for h in k["during_training"])
+        # the last log line reads the final model: the same share of mixed facts as the end
+        assert k["during_training"][-1]["mixed_share"] == k["mixed_share"]
         assert 0 <= k["link_accuracy"] <= 1
     assert os.path.exists(os.path.join(tmp_path, "hallucination_lens.png"))
     assert set(saved["arms"]) == set(hl.DETECTORS)
