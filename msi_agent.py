@@ -40,9 +40,10 @@ Run:
     python msi_agent.py --smoke      # the same code path at a tiny size, in seconds (tests use it)
     python msi_agent.py --data tasks.jsonl   # your own in-domain test tasks
 
-Result of the default run (2-core CPU, one thread: 65 s CPU, of it 18 s training the planner;
-236 s wall on a machine shared by 8 jobs; 3 exploration seeds x 16,000 episodes, 1,000 test tasks
-per condition and seed; mean over seeds, SR per seed; * = the rule-applier oracle):
+Result of the default run (2-core CPU, one thread: 68 s CPU (user + sys), of it 21 s training the
+planner; 231 s wall on a machine shared by 8 jobs (no quiet machine to measure on); 3 exploration
+seeds x 16,000 episodes (explore_p 0.5: exploration SR 0.24), 1,000 test tasks per condition and seed;
+mean over seeds, SR per seed; * = the rule-applier oracle):
     arm               SR     GC     SR*  | garage SR  GC    SR*   | SR per seed
     none              0.132  0.110  0.132 | 0.119  0.105  0.119 | 0.133 0.127 0.136
     flat (ExpeL-like) 0.265  0.286  0.266 | 0.634  0.804  0.637 | 0.257 0.264 0.274
@@ -50,7 +51,8 @@ per condition and seed; mean over seeds, SR per seed; * = the rule-applier oracl
     general_only      0.168  0.224  0.168 | 0.704  0.835  0.707 | 0.163 0.163 0.178
     msi_vector        0.715  0.770  0.716 | 0.567  0.666  0.568 | 0.712 0.712 0.722
     msi_hashmap       0.879  0.955  0.880 | 0.727  0.849  0.729 | 0.879 0.868 0.890
-  hashmap - vector +0.164 (+0.156 .. +0.168 per seed); hashmap - flat +0.614; hashmap - none +0.747.
+  msi_hashmap 0.879 +- 0.009 (worst seed 0.868). hashmap - vector +0.164 (+0.156 .. +0.168 per
+  seed); hashmap - flat +0.614; hashmap - none +0.747.
   Ceiling: the applier with the true hidden rules solves 1.000 of in-domain tasks. Gate: none 0.132.
   The learned planner is not the mechanism: it writes the applier's plan on 99.4-100 % of tasks
   (SR within 0.004 of the applier in every cell). It stands in for the LLM; the mechanisms live in
@@ -61,7 +63,7 @@ per condition and seed; mean over seeds, SR per seed; * = the rule-applier oracl
   Garage (out of domain): general_only 0.704 < msi_hashmap 0.727: goal NOT met. On garage tasks
   whose subtask rules flipped, general_only wins (applier 0.828 vs 0.311); on the others hashmap
   wins (1.000 vs 0.628: the slice and toast rules still hold there). With the TRUE rules
-  general_only does win in the garage (0.71 vs 0.59, probe of the three seeds): the induced heat
+  general_only does win in the garage (applier 0.707 vs 0.607, every seed): the induced heat
   rule has little pair-mode evidence (a failure must get through take and put first) and lands at
   the environment scale or is missed, so induced hashmap never selects the harmful heat rule.
   Budget (applier SR) 3 / 5 / 8 / 12 / 30 lines: hashmap 0.168 0.507 0.880 0.880 0.880; vector
