@@ -315,3 +315,130 @@ def test_embeddings_text_by_slot_and_word_conditions_by_type():
     # the same colour in the two colour slots is two different vectors
     assert not torch.equal(model.text_emb.weight[2 * C.N_TEXT_IDS + 4],
                            model.text_emb.weight[4 * C.N_TEXT_IDS + 4])
+
+
+def test_edges_and_condition_maps_by_hand():
+    # a 2-cell object 1 at (0, 0), (0, 1) and object 2 at (0, 2): every cell borders another
+    # label (or 0), so all three are edges; a lone background cell never is
+    layers = torch.zeros(1, 8, 8, dtype=torch.long)
+    layers[0, 0, 0] = 1
+    layers[0, 0, 1] = 1
+    layers[0, 0, 2] = 2
+    layers[0, 5, 5] = 0
+    edges = C.edges_of(layers)
+    assert edges.sum() == 3 and edges[0, 0, :3].all()
+    # a 3x3 block of one label: only its centre (1, 1)... is inside; the 8 ring cells are edges
+    block = torch.zeros(1, 8, 8, dtype=torch.long)
+    block[0, 2:5, 2:5] = 1
+    assert C.edges_of(block).sum() == 8 and not C.edges_of(block)[0, 3, 3]
+    cond = C.condition_maps(layers, torch.tensor([[0, 2]]))
+    assert cond.shape == (1, 3, 64)
+    assert cond[0, 2, 0] == 1 and cond[0, 2, 2] == 2 and cond[0, 2].sum() == 3  # K: marks 1, 2
+    assert torch.equal(cond[0, 1], layers.flatten(1)[0])  # D: the layer map itself
+
+
+def test_rope_1d_and_the_unrotated_pairs():
+    # head_dim 4 -> 2 pairs, base 100: f = [1, 100^(-1/2)] = [1, 0.1]; token 3: angles [3, 0.3]
+    cos, sin = C.rope_1d(4, 4, 100.0)
+    torch.testing.assert_close(cos[3], torch.tensor([3.0, 0.3]).cos())
+    torch.testing.assert_close(sin[3], torch.tensor([3.0, 0.3]).sin())
+    # rotary_dims 8 of head_dim 16: pairs 0..3 rotate, pairs 4..7 keep angle 0 everywhere
+    lay = C.make_layout(("E",), "2d", "context", 16, 8, 10.0, torch.device("cpu"))
+    assert lay.cos.shape == (lay.S, 8)
+    assert torch.equal(lay.cos[:, 4:], torch.ones(lay.S, 4))
+    assert torch.equal(lay.sin[:, 4:], torch.zeros(lay.S, 4))
+    cell = C.TEXT_LEN + 8 * 2 + 3  # E block, cell (2, 3): row pairs f = [1, 10^(-1/2)]
+    rows_cols = torch.tensor([2.0, 2.0 * 10 ** -0.5, 3.0, 3.0 * 10 ** -0.5])
+    torch.testing.assert_close(lay.cos[cell, :4], rows_cols.cos())
+    image_cell = C.TEXT_LEN + 64 + 8 * 2 + 3  # the image token of the same cell: same angles
+    torch.testing.assert_close(lay.cos[image_cell], lay.cos[cell])
+    assert torch.equal(lay.types[cell - 1:cell + 1], torch.tensor([1, 1]))
+    assert torch.equal(lay.text_pos[:C.TEXT_LEN], torch.arange(1, 7))
+
+
+def test_scene_generator_bar_probability():
+    rng = np.random.default_rng(0)
+    bars = [C.random_scene(rng, 1.0)[0].split() for _ in range(20)]
+    assert all(w[3] == "bar" and w[5] == "bar" for w in bars)
+    no_bars = [C.random_scene(rng, 0.0)[0].split() for _ in range(20)]
+    assert not any("bar" in w for w in no_bars)
+
+
+def test_needs_both_subset_of_given_rows_and_repeat_rows():
+    pairs = [("day summer red bar blue bar", C.render(("day", "summer", "red", "bar", "blue", "bar"),
+                                                    [(3, 1, 0), (4, 5, 0)], (0, 0))),
+             ("day summer red square blue bar",
+              C.render(("day", "summer", "red", "square", "blue", "bar"), [(3, 1, 0), (4, 5, 0)],
+                       (0, 0)))]
+    data = C.make_dataset(pairs)
+    subset = C.needs_both_scenes(data, None, 0, 0.5)
+    assert subset["prompts"] == [pairs[0][0]] and subset["cond"].shape == (1, 3, 64)
+    twice = C.repeat_rows(data, 2)
+    assert twice["prompts"] == [pairs[0][0]] * 2 + [pairs[1][0]] * 2
+    assert torch.equal(twice["cond"][1], data["cond"][0]) and torch.equal(twice["cond"][2],
+                                                                          data["cond"][1])
+    torch.testing.assert_close(C.mean_ceiling(("E",), data), (2 / 3 + 1) / 2)
+    drawn = C.needs_both_scenes(None, np.random.default_rng(1), 3, 0.5)
+    assert len(drawn["prompts"]) == 3
+    assert all(C.needs_both(C.scene_at(drawn, i)) for i in range(3))
+
+
+def test_standard_error_and_mean_over_seeds_by_hand():
+    # [1, 2, 3]: sample std 1 -> se 1 / sqrt(3)
+    torch.testing.assert_close(C.standard_error(torch.tensor([1.0, 2.0, 3.0])), 3 ** -0.5)
+    assert C.standard_error(torch.tensor([5.0])) == 0.0
+    out = C.mean_over_seeds([{"E": {"fidelity": 0.5}}, {"E": {"fidelity": 0.7}}])
+    torch.testing.assert_close(out["E"]["fidelity"], 0.6)
+    assert out["E"]["fidelity_per_seed"] == [0.5, 0.7]
+
+
+def test_evaluate_a_model_whose_answers_are_fixed(monkeypatch):
+    # a sampler that draws the true image: every condition score 1, explicit items all true
+    data = scenes(6)
+    model = tiny_model()
+    monkeypatch.setattr(C, "sample", lambda model, text, *args, **kw: data["image"])
+    cfg = C.Config()
+    metrics, samples = C.evaluate(model, data, ("E",), cfg, torch.device("cpu"), None)
+    assert torch.equal(samples, data["image"])
+    for key in ("edge_f1", "depth_acc", "keypoint_hit", "fidelity", "checklist_explicit",
+                "checklist_implicit"):
+        assert metrics[key] == 1.0, key
+    assert metrics["fidelity_se"] == 0.0 and metrics["bits_per_token"] > 0
+    wrong = data["image"].clone()
+    wrong[wrong >= 5] = C.SKY_DAY  # objects gone: fidelity 0; pairs of rows form one scene
+    monkeypatch.setattr(C, "sample", lambda model, text, *args, **kw: wrong)
+    metrics = C.evaluate(model, data, ("E",), cfg, torch.device("cpu"), None, group=2)[0]
+    assert metrics["fidelity"] == 0.0 and metrics["checklist_explicit"] == 0.0
+
+
+def test_a_few_training_steps_lower_the_loss():
+    data = scenes(16)
+    torch.manual_seed(0)
+    cfg = C.Config(steps=30, batch=16, width=32, heads=2, layers=1, warmup=5, log_every=100,
+                   p_uncond=0.0)
+    model = C.ContextAR(cfg)
+    with torch.no_grad():
+        before = C.image_nll(model, data["text"], data["cond"], data["image"], ("D",)).mean()
+    C.train(model, data, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        after = C.image_nll(model, data["text"], data["cond"], data["image"], ("D",)).mean()
+    assert after < 0.7 * before
+
+
+def test_kv_cache_speedup_is_a_speedup_with_identical_tokens():
+    data, model = scenes(), tiny_model()
+    ratios, identical = C.kv_cache_speedup(model, data, torch.device("cpu"), n=4, repeats=2)
+    assert len(ratios) == 2 and min(ratios) > 1 and identical
+
+
+def test_goals_by_hand():
+    res = {"needs_both": {"n_scenes": 40, "margin_per_seed": [0.1, 0.02], "margin_mean": 0.06},
+           "health": {"seen_pairs_per_seed": [0.95, 0.91]},
+           "kv_cache_speedup": 12.0, "kv_cache_identical": True}
+    assert all(C.goals(res).values())
+    res["needs_both"]["margin_per_seed"] = [0.1, 0.0]
+    res["health"]["seen_pairs_per_seed"] = [0.95, 0.89]
+    res["kv_cache_speedup"] = 9.9
+    goals = C.goals(res)
+    assert not goals["margin_positive_in_every_seed"] and not goals["seen_pairs_ge_0.9_every_seed"]
+    assert not goals["kv_cache_speedup_ge_10_identical"] and goals["margin_mean_ge_0.05"]
