@@ -82,7 +82,8 @@ def test_format_reward_malformed_is_zero(name):
 
 def test_answer_reward_mixes_em_and_format():
     # right direct answer: 0.9 · 1 + 0.1 · 0.5 = 0.95; wrong after one search: 0.9 · 0 + 0.1 · 1
-    assert ssrl.answer_reward(block(T, "x") + block(A, " The Paris."), "paris") == pytest.approx(0.95)
+    direct = block(T, "x") + block(A, " The Paris.")
+    assert ssrl.answer_reward(direct, "paris") == pytest.approx(0.95)
     assert ssrl.answer_reward(ONE_SEARCH, "paris") == pytest.approx(0.1)
     assert ssrl.answer_reward(ONE_SEARCH, "x") == pytest.approx(1.0)
     assert ssrl.answer_reward(block(T, "x") + " paris", "paris") == 0.0  # no answer block
@@ -126,7 +127,7 @@ C_ID = 8  # </information>
 
 
 def mask_loop(row):
-    """The plain scan: inside from an open tag through its close tag; a stray close closes nothing."""
+    """The plain scan: inside from an open tag through its close; a stray close closes nothing."""
     out = []
     inside = False
     for t in row:
@@ -210,7 +211,8 @@ def test_plan_is_correct_strict():
         + hop("c4", "country", "k1") + hop("k1", "country", "k1"),
         "a query without information": hop("a1 b2", "employer", "e3") + hop("e3", "hq", "c4")
         + hop("c4", "country", "k1") + block(S, " x country"),
-        "information with a wrong verb": block(S, " a1 b2 employer") + block(I, " a1 b2 lives in e3")
+        "information with a wrong verb": block(S, " a1 b2 employer")
+        + block(I, " a1 b2 lives in e3")
         + hop("e3", "hq", "c4") + hop("c4", "country", "k1"),
         "information without an object": block(S, " a1 b2 employer") + block(I, " a1 b2 works at")
         + hop("e3", "hq", "c4") + hop("c4", "country", "k1"),
@@ -288,7 +290,7 @@ def test_pretraining_pool_and_demo_sampling():
     # demos[template][plan]: a right-chain demo ends with the gold answer
     right = ssrl.PLANS.index(ssrl.TEMPLATES["country"])
     text = tok.decode(pool.demos["country"][right][0])
-    assert text.startswith("<s> country of a0 b0 ?<think>") and text.endswith("<answer> k0</answer>")
+    assert text == "<s> country of a0 b0 ?" + ssrl.trajectory_text(kb, "a0 b0", ("city", "country"))
     rng = random.Random(0)
     picks = [ssrl.sample_demo(pool, "country", 0.3, rng) for _ in range(4000)]
     share = sum(p == pool.demos["country"][right][0] for p in picks) / len(picks)
@@ -603,3 +605,51 @@ def test_user_data_with_a_missing_hop_is_one_line(tmp_path, capsys):
         ssrl.main(["--data", str(data), "--smoke", "--out", str(tmp_path / "o")])
     assert e.value.code == 2
     assert "no fact" in capsys.readouterr().err
+
+
+# --- seeds: the average and the headline ---
+
+
+def fake_seed(before_held, after_held, after_rl_people, plan, greedy):
+    def group(p1, plan_, greedy_):
+        return {"pass_at_k": {"1": p1}, "plan_accuracy": plan_, "greedy_em": greedy_}
+
+    return {"arms": {"before_rl": {"heldout": group(before_held, 0.2, 0.3),
+                                   "rl_people": group(0.3, 0.2, 0.3)},
+                     "after_rl": {"heldout": group(after_held, plan, greedy),
+                                  "rl_people": group(after_rl_people, plan, greedy)}}}
+
+
+def test_headline_mean_std_and_worst_seed():
+    seeds = [fake_seed(0.3, 0.8, 0.9, 0.7, 0.9), fake_seed(0.2, 0.4, 0.7, 0.5, 0.6)]
+    out = ssrl.headline(seeds)
+    # gains 0.5 and 0.2: mean 0.35, population std 0.15, worst (smallest) 0.2
+    assert out["heldout_pass1_gain"]["per_seed"] == pytest.approx([0.5, 0.2])
+    assert out["heldout_pass1_gain"]["mean"] == pytest.approx(0.35)
+    assert out["heldout_pass1_gain"]["std"] == pytest.approx(0.15)
+    assert out["heldout_pass1_gain"]["worst"] == pytest.approx(0.2)
+    assert out["heldout_plan_accuracy"]["worst"] == 0.5
+    assert out["heldout_greedy_em"]["mean"] == pytest.approx(0.75)
+    # RL people ahead of held-out: 0.1 and 0.3; the worst is the largest lead
+    assert out["rl_people_lead"]["per_seed"] == pytest.approx([0.1, 0.3])
+    assert out["rl_people_lead"]["worst"] == pytest.approx(0.3)
+
+
+def test_average_over_seeds_is_recursive_and_keeps_none():
+    seeds = [{"a": 1.0, "b": {"c": 2.0, "d": None}}, {"a": 3.0, "b": {"c": 4.0, "d": 1.0}}]
+    out = ssrl.average(seeds)
+    assert out == {"a": 2.0, "b": {"c": 3.0, "d": None}}
+
+
+def test_user_data_runs_the_whole_pipeline(tmp_path):
+    triples = ssrl.synthetic_triples(30, 5, 3, 4, random.Random(0))
+    data = tmp_path / "world.jsonl"
+    rows = [{"subject": s, "relation": r, "object": o} for s, r, o in triples]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ssrl.main(["--data", str(data), "--smoke", "--out", str(tmp_path / "o")])
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["per_seed"][0]["n_params"] > 0
+    cfg = ssrl.Config(data=str(data))
+    kb = ssrl.load_world(cfg, random.Random(0))
+    assert kb.facts == {(s, r): o for s, r, o in triples}
+    assert len(ssrl.people_of(kb)) == 30
