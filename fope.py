@@ -42,8 +42,8 @@ Run: `python fope.py` (7 arms; 3 seeds for rope, fope, cf_only, 1 for fs_only, a
 fope_small); `--seeds 5 --other-seeds 3`; `--arms rope,fope --steps 600`; `--data my.jsonl`
 trains on your text (column "text", byte tokens; perplexity only); `--smoke`: seconds.
 
-Measured (`python fope.py`, 2-core CPU shared with other jobs, 1 thread: 212 s CPU, 708 s wall;
-seeds 0–2 for rope/fope/cf_only, seed 0 for the others; mean over seeds):
+Measured (`python fope.py`, 2-core CPU shared with other jobs, 1 thread: 229 s CPU (user + sys),
+779 s wall under load; seeds 0–2 for rope/fope/cf_only, seed 0 for the others; mean over seeds):
     arm        n | total ppl @64 128 256 512 | recall ppl              | passkey
     rope       3 |  2.46  2.75  3.30  3.96   |  1.37  1.37  2.18  5.77 |  0.92  0.92  0.79  0.62
     fope       3 |  2.44  2.87  3.35  4.27   |  1.01  1.01  1.01  1.02 |  1.00  1.00  1.00  1.00
@@ -55,7 +55,7 @@ seeds 0–2 for rope/fope/cf_only, seed 0 for the others; mean over seeds):
     arm          | filler ppl              | windowed filler ppl     | far recall ppl (>64 back)
     rope         |  2.66  2.83  3.33  3.95 |  2.66  2.75  2.87  2.74 |    —   1.41  3.30  9.48
     fope         |  2.71  3.00  3.42  4.32 |  2.71  2.89  2.98  2.86 |    —   1.01  1.01  1.02
-    cf_only      |  2.65  2.90  3.33  4.23 |  2.65  2.81  2.90  2.79 |    —   1.01  1.01  1.01
+    cf_only      |  2.65  2.90  3.33  4.23 |  2.65  2.81  2.89  2.79 |    —   1.01  1.01  1.01
     fs_only      |  2.69  2.92  3.13  3.40 |  2.69  2.86  2.91  2.78 |    —   1.19  2.73 10.13
     alibi        |  6.32  7.07  7.76  7.62 |  6.32  7.08  7.72  7.56 |    —   1.86  6.04  9.55
     nope         |  8.11 10.10 10.47 10.60 |  8.11 10.11 10.30 10.36 |    —   2.21  1.95  1.99
@@ -77,7 +77,7 @@ At 4x L_train (256), 3 seeds, mean ± std (worst seed):
   1.09, random_drop 0.29 (0.00 vs 0.70, 2.75 vs 0.12, 0.51 vs 0.05).
 - fope_small (noise std 0.0217, the paper's 60M effective std) vs fope (official std at this size,
   0.072): 3.14 vs 3.35 total at 256 (one seed vs three); recall identical.
-- FoPE/RoPE time per training step: 1.04.
+- FoPE/RoPE CPU time per training step: 1.02 (1.04 in an earlier identical run).
 Goals (the paper's claim in miniature): FoPE below RoPE at 4x in recall ppl: yes (cf_only too);
 in total ppl: no (3.35 vs 3.30); FoPE total within 1.15x of its own at L_train: no (1.37x);
 passkey ≥ RoPE: yes (1.00 vs 0.79); top positional heads ≥ 2x random: yes on the mean (2.64 vs
@@ -135,6 +135,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     data: str = ""  # JSON-lines file with a column "text": your corpus, perplexity only
     out: str = "runs/fope"  # folder for results.json and fope.png
+    held_out: float = 0.1  # --data: the share of the text (its end) held out for evaluation
     smoke: bool = False  # the same code path at a tiny size, in seconds
     log_every: int = 100  # steps between log lines
     arms: str = ",".join(ARMS)  # comma-separated subset of the arms
@@ -153,6 +154,7 @@ class Config:
     fope_sigma: float = 0.3  # FoPE sigma: the official xavier gain (paper, 60M model: 0.3)
     fope_small_std: float = 0.0217  # fope_small: noise std of the paper's 60M model (see docstring)
     vocab_filler: int = 16  # filler vocabulary of the order-2 Markov chain
+    chain_seed: int = 12345  # seed of the chain (the same for every arm and seed)
     successors: int = 3  # successors per order-2 context
     n_keys: int = 4  # recall keys per sequence (each written twice, `KEY v` ... `KEY v`)
     values_per_key: int = 16  # values each key can take (recall chance: 1 / values_per_key)
@@ -177,6 +179,7 @@ class Config:
                 f"--top-heads {self.top_heads}: at most half of the heads")
         require(self.successors <= self.vocab_filler, "--successors: at most --vocab-filler")
         require(self.lr > 0, f"--lr {self.lr}: must be positive")
+        require(0 < self.held_out < 1, f"--held-out {self.held_out}: must be in (0, 1)")
         require(self.fope_sigma >= 0 and self.fope_small_std >= 0, "--fope-*: must be >= 0")
         require(self.rope_base > 1, f"--rope-base {self.rope_base}: must be > 1")
         require(re.fullmatch(r"\d+(,\d+)*", self.eval_lens) is not None,
@@ -211,7 +214,7 @@ def markov_chain(vocab, successors, gen):
 
 def markov_filler(chain, n, length, gen):
     """n sequences of `length` from the chain (a loop over positions, vectorised over n)."""
-    vocab = chain.succ.shape[0]
+    vocab = len(chain.succ)
     cum = chain.prob.cumsum(-1)  # (V, V, S)
     x = torch.empty(n, length, dtype=torch.long)
     x[:, :2] = torch.randint(vocab, (n, 2), generator=gen)
@@ -227,7 +230,7 @@ def markov_filler(chain, n, length, gen):
 def recall_corpus(chain, n, length, n_keys, values_per_key, train_len, gen):
     """Filler with `n_keys` pairs `KEY_i v` each written twice at random places; v is drawn from
     key i's own values, so the second v is predictable only by retrieving the first."""
-    vocab = chain.succ.shape[0]
+    vocab = len(chain.succ)
     n_slots = 2 * n_keys
     n_filler = length - 2 * n_slots
     filler = markov_filler(chain, n, n_filler, gen)  # (n, F)
@@ -376,7 +379,7 @@ class RoPE(nn.Module):
     def forward(self, x, pos):  # x (B, H, T, d), pos (T,)
         if x.dim() != 4 or pos.shape != (x.shape[-2],):
             raise ValueError(f"RoPE: x {tuple(x.shape)} must be (B, H, T, d), pos (T,)")
-        angle = pos.float()[:, None] * self.freqs[None, :]  # (T, d/2): n·ω_k
+        angle = pos[:, None] * self.freqs[None, :]  # (T, d/2): n·ω_k
         cos = angle.cos()  # (T, d/2)
         sin = angle.sin()  # (T, d/2)
         x1 = x[..., :self.freqs.shape[0]]  # (B, H, T, d/2)
@@ -422,7 +425,7 @@ def fope_rotate(x, pos, freqs, sin_coef, cos_coef):
     if sin_coef.shape[:2] != (x.shape[1], freqs.shape[0]):
         raise ValueError(f"fope_rotate: coefficients {tuple(sin_coef.shape)} need (H, K, d')")
     half = x.shape[-1] // 2
-    angle = pos.float()[:, None] * freqs[None, :]  # (T, K): n·ω_k
+    angle = pos[:, None] * freqs[None, :]  # (T, K): n·ω_k
     # S_{h,j}(n) = Σ_k sin(ω_k n)·A_sin[h, k, j],  C_{h,j}(n) = Σ_k cos(ω_k n)·A_cos[h, k, j]
     s = torch.einsum("tk,hkj->htj", angle.sin(), sin_coef)  # (H, T, d')
     c = torch.einsum("tk,hkj->htj", angle.cos(), cos_coef)  # (H, T, d')
@@ -483,16 +486,18 @@ def positional_head_scores(q_rot, k_rot, attn, min_dist):
     B, H, T, d = q_rot.shape
     if attn.shape != (B, H, T, T):
         raise ValueError(f"positional_head_scores: attn {tuple(attn.shape)} must be (B, H, T, T)")
+    if not 0 < min_dist < T:
+        raise ValueError(f"positional_head_scores: min_dist {min_dist} must be in 1 … T − 1")
     # Σ_{i ≥ d/4} g_i(m, n) = q̃_hi(m)·k̃_hi(n) with the dims of the high slots (i and i + d/2)
     slot = torch.arange(d, device=q_rot.device) % (d // 2)  # (d,) slot of each dim
     high = (slot >= d // 4).to(q_rot.dtype)  # (d,)
-    g_high = (q_rot * high) @ k_rot.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
+    g_high = (q_rot * high) @ k_rot.mT / math.sqrt(d)  # (B, H, T, T)
     m = torch.arange(T, device=q_rot.device)[:, None]
     n = torch.arange(T, device=q_rot.device)[None, :]
     far = (m - n >= min_dist).to(attn.dtype)  # (T, T)
     # score_h = Σ_{m,n far} a_h(m, n)·Σ_{i high} g_i(m, n) / Σ_{m,n far} a_h(m, n)
     weight = attn * far  # (B, H, T, T)
-    return (weight * g_high).sum((0, 2, 3)) / weight.sum((0, 2, 3)).clamp_min(1e-12)  # (H,)
+    return (weight * g_high).sum((0, 2, 3)) / weight.sum((0, 2, 3))  # (H,)
 
 
 # --- training ---
@@ -579,13 +584,14 @@ def build_data(cfg, seed):
         rows = load_user_data(cfg.data, ["text"])
         enc = byte_encoding()
         ids = torch.tensor([t for row in rows["text"] for t in enc.encode_ordinary(str(row))])
-        split = int(0.9 * len(ids))
+        split = int((1 - cfg.held_out) * len(ids))
         require(split > cfg.train_len and len(ids) - split >= max(lens),
                 f"--data {cfg.data}: too little text for lengths {cfg.train_len}..{max(lens)}")
         held = torch.Generator().manual_seed(999)
         evals = {L: text_corpus(ids[split:], cfg.eval_seqs, L, held) for L in lens}
         return Data(text_corpus(ids[:split], n_train, cfg.train_len, gen), evals, None, 256, None)
-    chain = markov_chain(cfg.vocab_filler, cfg.successors, torch.Generator().manual_seed(12345))
+    chain_gen = torch.Generator().manual_seed(cfg.chain_seed)
+    chain = markov_chain(cfg.vocab_filler, cfg.successors, chain_gen)
     shape = (cfg.n_keys, cfg.values_per_key, cfg.train_len)
     train = recall_corpus(chain, n_train, cfg.train_len, *shape, gen)
     evals = {L: recall_corpus(chain, cfg.eval_seqs, L, *shape, torch.Generator().manual_seed(L))
@@ -599,7 +605,7 @@ def build_data(cfg, seed):
 def chain_nll(chain, x):
     """−log p(x_t | x_{t−2}, x_{t−1}) under the true chain, (n, L − 1) with 0 at t = 1; read it
     only at filler targets: the filler perplexity's ceiling."""
-    vocab = chain.succ.shape[0]
+    vocab = len(chain.succ)
     a = x[:, :-2].clamp_max(vocab - 1)  # (n, L − 2)
     b = x[:, 1:-1].clamp_max(vocab - 1)  # (n, L − 2)
     hit = chain.succ[a, b] == x[:, 2:, None]  # (n, L − 2, S)
@@ -680,10 +686,10 @@ def summarise(per_seed, keys):
     for key in keys:
         lens = [L for L in per_seed[0]["eval"] if key in per_seed[0]["eval"][L]]
         stats = {L: mean_std([r["eval"][L][key] for r in per_seed]) for L in lens}
-        arm[key] = {L: round(s[0], 4) for L, s in stats.items()}
-        arm[key + "_std"] = {L: round(s[1], 4) for L, s in stats.items()}
-        windowed = {L: np.mean([r["windowed"][L][key] for r in per_seed]) for L in lens}
-        arm["windowed_" + key] = {L: round(float(v), 4) for L, v in windowed.items()}
+        arm[key] = {L: s[0] for L, s in stats.items()}
+        arm[key + "_std"] = {L: s[1] for L, s in stats.items()}
+        arm["windowed_" + key] = {L: float(np.mean([r["windowed"][L][key] for r in per_seed]))
+                                  for L in lens}
     return arm
 
 
@@ -694,7 +700,7 @@ def gap(per_seed_a, per_seed_b, key):
     out = {}
     for L in lens:
         diffs = [a["eval"][L][key] - b["eval"][L][key] for a, b in pairs]
-        out[L] = [round(v, 4) for v in mean_std(diffs)]
+        out[L] = list(mean_std(diffs))
     return out
 
 
@@ -785,16 +791,16 @@ def run(cfg):
                                          for k in ("ppl", "recall_ppl", "filler_ppl")}
     if heads:
         arm = "rope" if "rope" in heads else next(iter(heads))  # the Positional Heads paper's case
-        by_arm = {a: {k: round(float(np.mean([r[k] for r in runs])), 4)
+        by_arm = {a: {k: float(np.mean([r[k] for r in runs]))
                       for k in ("top_drop", "random_drop")} for a, runs in heads.items()}
         results["positional_heads"] = {"arm": arm, **by_arm[arm], "by_arm": by_arm,
                                        "per_seed": heads}
     if "fope" in per_seed and "rope" in per_seed:
         ratio = results["arms"]["fope"]["step_time_s"] / results["arms"]["rope"]["step_time_s"]
-        results["step_time_ratio_fope_rope"] = round(ratio, 3)
-    results["cpu_time_s"] = round(time.process_time() - t_start, 1)
+        results["step_time_ratio_fope_rope"] = ratio
+    results["cpu_time_s"] = time.process_time() - t_start
     print_table(results)
-    log(f"CPU time {results['cpu_time_s']} s")
+    log(f"CPU time {results['cpu_time_s']:.1f} s")
     save_json(os.path.join(cfg.out, "results.json"), results)
     plot(results, os.path.join(cfg.out, "fope.png"))
     return results

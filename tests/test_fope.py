@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -212,6 +213,8 @@ def test_positional_head_score_hand_value():
     assert_close(fope.positional_head_scores(q, k, attn, 2), torch.tensor([1.0]))
     with pytest.raises(ValueError):
         fope.positional_head_scores(q, k, attn[0], 1)
+    with pytest.raises(ValueError):
+        fope.positional_head_scores(q, k, attn, 3)  # no pair that far
 
 
 def test_positional_head_score_equals_plain_loop():
@@ -246,12 +249,16 @@ def test_ablating_a_head_equals_zeroing_its_output_projection():
         model.blocks[1].proj.weight[:, 8:] = 0.0  # head 1 of layer 1 reads dims 8..15
     assert_close(fope.far_recall_nll(model, corpus, []), ablated)
     assert abs(full - ablated) > 1e-6
+    assert "head_mask" not in model.state_dict()  # checkpoints hold weights, not ablations
 
 
 def test_positional_heads_picks_the_top_scores_and_random_others():
     torch.manual_seed(0)
     cfg = tiny_cfg(n_layers=3)
     model = fope.Decoder("rope", 20, cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.qkv.weight.mul_(30.0)  # sharp attention: scores far from 0
     corpus = fope.recall_corpus(fope.markov_chain(8, 2, torch.Generator().manual_seed(0)), 6, 64,
                                 2, 4, 16, torch.Generator().manual_seed(1))
     out = fope.positional_heads(model, corpus, 17, 2, 3, seed=0)
@@ -272,6 +279,7 @@ def test_positional_heads_picks_the_top_scores_and_random_others():
     model(corpus.x[:, :-1], keep=True)
     direct = fope.positional_head_scores(*model.blocks[2].probe, 17)
     assert_close(scores[2], direct)
+    assert direct.abs().min() > 1e-2
 
 
 # --- data ---
@@ -297,6 +305,9 @@ def test_recall_corpus_structure():
             want = t >= 2 and all(tok < 8 for tok in x[t - 2:t + 1])
             assert bool(c.filler[row, t - 1]) == want
     assert c.far.any() and (c.far <= c.recall).all()
+    # pairs land anywhere, the first and the last two positions included
+    keys = (c.x >= 8) & (c.x < 8 + n_keys)  # (n, L)
+    assert keys[:, 0].any() and keys[:, -2].any()
     # filler targets follow the chain: positive probability under it
     assert torch.isfinite(fope.chain_nll(chain, c.x)[c.filler]).all()
     assert (fope.chain_nll(chain, c.x)[c.filler] < 20).all()
@@ -382,6 +393,24 @@ def test_evaluate_on_models_with_fixed_answers():
     assert oracle["passkey"] == 1.0 and oracle["ppl"] < 1.001 and oracle["recall_ppl"] < 1.001
 
 
+def test_block_is_residual_attention_then_residual_mlp():
+    # with q = k = v = 0 (qkv weights zero) attention outputs 0: block(x) = x + mlp(ln2(x))
+    torch.manual_seed(0)
+    block = fope.Block(8, 2, 4, None)
+    with torch.no_grad():
+        block.qkv.weight.zero_()
+    x = torch.randn(2, 5, 8)
+    out = block(x, fope.attention_bias(2, 5), torch.ones(2))
+    assert_close(out, x + block.mlp(block.ln2(x)))
+    # with v only: block(x) = h + mlp(ln2(h)), h = x + proj(causal mean of v per head)
+    with torch.no_grad():
+        block.qkv.weight[16:] = torch.eye(8)
+    v = block.ln1(x)  # (B, T, C): v = ln1(x), q = k = 0 → uniform causal attention
+    mean_v = v.cumsum(1) / torch.arange(1, 6)[None, :, None]
+    h = x + block.proj(mean_v)
+    assert_close(block(x, fope.attention_bias(2, 5), torch.ones(2)), h + block.mlp(block.ln2(h)))
+
+
 def test_decoder_is_causal_and_window_limits_what_it_sees():
     torch.manual_seed(0)
     model = fope.Decoder("rope", 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
@@ -400,9 +429,9 @@ def test_decoder_is_causal_and_window_limits_what_it_sees():
     assert_close(win_x[0, :4], full_x[0, :4])
 
 
-def test_training_learns_recall():
+def test_training_learns_recall(capsys):
     torch.manual_seed(0)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(log_every=15)
     data = fope.build_data(cfg, 0)
     vocab = data.vocab
     assert vocab == 8 + 2 * 5
@@ -412,6 +441,9 @@ def test_training_learns_recall():
     assert step_time > 0 and not model.training
     assert after["filler_ppl"] < 0.8 * before["filler_ppl"]
     assert after["recall_ppl"] < 0.8 * before["recall_ppl"]
+    logged = [line.split("|")[0].split()[1] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step")]
+    assert logged == ["15/40", "30/40", "40/40"]  # every log_every steps and the last
 
 
 # --- aggregation and the run ---
@@ -430,7 +462,9 @@ def test_summarise_and_gap():
 
 
 def test_smoke_run_results_and_bad_input(tmp_path, capsys):
+    t0 = time.process_time()
     res = fope.main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
+    assert 0 < res["cpu_time_s"] <= time.process_time() - t0
     saved = json.load(open(tmp_path / "results.json"))
     assert (tmp_path / "fope.png").exists()
     assert saved["seeds"] == [0, 1] and saved["train_len"] == 64
@@ -462,10 +496,19 @@ def test_smoke_run_results_and_bad_input(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+def test_text_corpus_windows():
+    ids = torch.arange(10)
+    c = fope.text_corpus(ids, 3, 10, torch.Generator().manual_seed(0))  # the only window: all
+    assert torch.equal(c.x, ids.expand(3, 10)) and c.filler.all() and not c.recall.any()
+    c = fope.text_corpus(ids, 50, 4, torch.Generator().manual_seed(0))
+    assert set(c.x[:, 0].tolist()) == set(range(7))  # every start 0 … 6 is drawn
+    assert torch.equal(c.x[:, 1:] - c.x[:, :-1], torch.ones(50, 3, dtype=torch.long))
+
+
 def test_user_text_gives_perplexity_only(tmp_path):
     path = tmp_path / "text.jsonl"
-    rows = [json.dumps({"text": "the cat sat on the mat and the dog sat on the log. " * 3})
-            for _ in range(40)]
+    rows = [json.dumps({"text": f"row {i:03d}: the cat sat on the mat; the dog sat. " * 3})
+            for i in range(40)]
     path.write_text("\n".join(rows) + "\n")
     res = fope.main(["--smoke", "--data", str(path), "--arms", "rope,fope", "--out",
                      str(tmp_path / "out")])
@@ -473,3 +516,12 @@ def test_user_text_gives_perplexity_only(tmp_path):
     assert set(arm["ppl"]) == {"64", "128"} and arm["recall_ppl"] == {}
     assert "positional_heads" not in res and "filler_oracle_ppl" not in res
     assert arm["ppl"] == arm["filler_ppl"] and 1.0 < arm["ppl"]["64"] < 1000
+    cfg = fope.Config(data=str(path), steps=2, batch=2, eval_lens="64,128", eval_seqs=2)
+    data = fope.build_data(cfg, 0)
+    assert data.vocab == 256 and data.head is None and data.chain is None
+    ids = torch.tensor(list(("".join(json.loads(r)["text"] for r in rows)).encode()))
+    held = ids[int(0.9 * len(ids)):]
+    starts = [int((held[:len(held) - 63].unfold(0, 64, 1) == row).all(1).nonzero()[0, 0])
+              for row in data.evals[64].x]  # each eval window is found in the held-out tail
+    assert len(starts) == 2
+    assert data.train.x.shape == (4, 64) and data.evals[128].x.shape == (2, 128)
