@@ -1,6 +1,94 @@
 """ReAd-R on AdsQA: reflect, then answer — arXiv 2509.08621 (https://arxiv.org/abs/2509.08621)
 
-PLACEHOLDER DOCSTRING
+AdsQA asks what an ad means, not what it shows (tasks: visual concepts VU, emotion ER, theme TE,
+persuasion PS, audience AM). ReAd-R first gathers the clues in <think>…</think>, then answers in
+<answer>…</answer>; GRPO trains it on a rule reward alone (no reasoning traces). The claim in
+miniature: where the answer needs two hops through the ad, reflection is needed, and RL (not SFT on
+answers) is what makes a base that can reflect use its reflection.
+
+The toy ad (marks redrawn for every ad, so no answer can be memorised): 4 cue frames [mark, cue],
+each cue once (joke, skull, crowd, trophy: humour, fear, social proof, aspiration), and a product
+frame [m, P] carrying the mark m of one cue frame; the 5 frames are shuffled. Question types (the
+AdsQA task each stands for):
+    product_mark (VU)  the product's mark m                     one hop
+    mark_cue     (PS)  the cue beside a given mark              one hop
+    cue_theme    (TE)  THEME[P][C] for a given cue C            one hop (THEME: a 4×4 Latin square)
+    two_hop      (TE)  THEME[P][C], C the cue beside m          P → m → C, then the table (headline)
+The model: a 1-layer transformer whose input at t adds the embedding of the previous word (a
+built-in previous-token head), so a token can make one attention hop. The two-hop think trace is
+"m C"; the answer token after "m" can make the second hop itself, so m is the part of the chain
+the answer cannot do without. chain rate: the think block holds m and no other mark and no wrong
+cue (so "m" and "m C" count); full chain rate: "m C".
+
+Key equations (symbols as in the code):
+    s = judge(pred, gold): 1 every gold slot stated; 0.5 at least half and nothing contradicted;
+        0 otherwise; a slot stated with two values (a hedge) is contradicted; a 1 or 0.5 answer
+        more than 5× longer than the reference scores 0.1                        answer_reward
+    r = 0.9 · s + 0.1 · 1[<think>, </think>, <answer>, </answer> all present]     total_reward
+    Â_i = (r_i − mean_G r) / (std_G r + 1e-6)                                     group_normalize
+    ℓ_t = max(−Â ρ_t, −Â clip(ρ_t, 1 ± ε)) + c_KL · k3(π_θ ‖ π_ref), token mean  grpo_loss
+    strict = mean 1[s = 1];  relaxed = mean 1[s ≥ 0.5]                            strict_relaxed
+Gates, measured before any RL on every seed: the model trained from scratch on fresh ads (600 × 64
+questions of every type) answering at once vs after the think traces; the base's chain rate at
+temperature 1 and its two-hop accuracy. The base: one-hop questions with and without their traces
+until its one-hop accuracy reaches 0.95 (at most 1500 steps), then a warm-start step that adds 4
+two-hop traces and 4 direct two-hop answers. Arms from the base, 150 steps each of one question
+stream (16 questions a step) over 24 training ads (96 questions): sft (SFT on direct answers),
+sft_trace (SFT on the traces: the upper bound), rl_think (GRPO, 8 samples a question, its own think
+block), rl_nothink (GRPO answering at once: an empty think block prefilled). Every arm has the same
+answer budget: one word, then the environment closes the answer block (that token is no action).
+Run:  python read_r.py  (3 seeds, 0-2);  --seeds 1;  --steps 300;  --smoke
+
+Measured (default run, 3 seeds, 1 thread on a 2-core CPU shared with 7 other jobs: 195 s CPU
+(user + sys), 11 min wall; not timed on a quiet machine, where the CPU time suggests ~3.5 min).
+Test: 250 ads, one question of each type; greedy; mean of 3 seeds.
+    arm          strict  prod_mark  mark_cue  cue_theme  two_hop  train   chain  full  scramble
+    base          0.753     1.000     0.999      1.000    0.012  0.753   0.968  0.003   -0.051
+    base_direct   0.687     1.000     0.741      1.000    0.007  0.677       —      —        —
+    sft           0.718     0.964     0.728      0.985    0.193  0.983       —      —        —
+    sft_trace     0.861     0.976     0.979      0.991    0.497  0.927   0.796  0.644    0.375
+    rl_think      0.806     0.995     0.977      0.969    0.283  0.837   0.927  0.000    0.171
+    rl_nothink    0.683     0.985     0.736      0.937    0.072  0.778       —      —        —
+(relaxed = strict: every answer is one slot; chain rates at T = 1 on the test two-hop questions;
+scramble = two-hop accuracy minus that with the think block replaced by random frame words.)
+Two-hop accuracy per seed (0, 1, 2): rl_think 0.824 / 0.000 / 0.024; rl_nothink 0.216 / 0.000 /
+0.000; sft 0.200 / 0.164 / 0.216; sft_trace 0.968 / 0.360 / 0.164; base 0.032 / 0.000 / 0.004.
+Gates per seed: answering at once 0.256 / 0.264 / 0.228 (chance 0.25: met); after think traces
+1.000 / 0.284 / 1.000 (seed 1 still on its plateau at 600 steps); base chain rate 0.988 / 0.984 /
+0.932 (≥ 0.05: met) with two-hop accuracy 0.032 / 0.000 / 0.004 (low: met); base steps 450 / 1500
+(not ready: mark_cue direct unlearnt) / 700.
+Headline, two-hop strict: rl_think − rl_nothink = 0.211 ± 0.281 (worst seed 0.000); rl_think
+0.283 ± 0.383 (worst 0.000); scramble drop 0.171 ± 0.256 (worst −0.016); chain rate 0.968 → 0.927
+(−0.041 ± 0.051); full chain "m C" 0.003 → 0.000; accuracy given the chain 0.021 → 0.262.
+Goals: +0.2 over rl_nothink met on the mean, not on the worst seed; scramble drop ≥ 0.3 met on
+seed 0 only; chain rate rising: not met. Reproduced on seed 0 only (two-hop 0.824 vs 0.216, chain
+0.99, the scrambled think block loses most of it); seeds 1 and 2 stay at 0.0–0.02.
+Why, with numbers: the base writes m at once on 93–99 % of two-hop questions (the product_mark
+trace "m" transfers), so the chain rate has no room to rise; what the base lacks is the answer
+after m — its accuracy given the chain is 0.02 (it answers with a mark, as product_mark does). On
+seed 0 a few theme answers give GRPO a signal and accuracy given the chain climbs to 0.8; on seeds
+1 and 2 every sample of a two-hop group scores 0, so the group-normalised advantage is 0 and
+nothing is learnt. RL never writes "m C": the answer token makes the second hop itself. sft on 96
+direct answers overfits (train 0.98, two-hop test 0.19: it memorised the training ads).
+Found while building (facts, not tuned away): answering at once, a 1-layer model did not learn
+mark_cue in 1000 steps alone (0.2–0.3) but did when trained beside the think traces; unsolvable
+direct two-hop questions in the base's mix stalled cue_theme; with the product_mark trace "P"
+instead of "m" the base wrote the chain 0.8 % of the time and RL did not find it (0 after 150
+steps).
+
+Deviations from the paper (and its official code: TsinghuaC3I/AdsQA on EasyR1):
+- symbolic 5-frame ads and a 1-layer, 4-head, d = 64 transformer without positions, with a
+  previous-word input feature, instead of 8 video frames and Qwen2.5-VL-7B;
+- a rule judge over answer slots instead of the GPT-4o judge; over-long = 5× the reference in
+  words (official: 100× in characters); no answer block → the whole response is judged (as there);
+- one-word answers: relaxed equals strict here (the 0.5 rule is tested on two-slot answers);
+- the base is trained here (one-hop questions + a 4-trace warm-start) to stand in for a pretrained
+  model that can reason; it stops at 0.95 one-hop accuracy;
+- GRPO: lr 1e-3 (paper 1e-6), 16 questions × 8 samples a step, one update per batch (π_old = π_θ,
+  so the clip never binds), c_KL 0.01 with verl's clamped low_var_kl; temperature 1;
+- the answer block is closed by the environment after one word in every arm; rl_nothink prefills
+  an empty think block (format reward 1); sft_trace is an extra upper-bound arm;
+- evaluation is greedy; chain rates are measured at temperature 1.
 """
 
 import argparse
@@ -40,7 +128,8 @@ class Config:
     smoke: bool = False  # the same code path at a tiny size, in seconds
     log_every: int = 50  # steps between log lines
     gate_steps: int = 600  # steps of each gate model (direct / think traces, fresh ads)
-    base_steps: int = 600  # steps of the base: one-hop questions (both modes), two-hop direct
+    base_steps: int = 1500  # most steps of the base (one-hop questions, with and without think)
+    base_target: float = 0.95  # the base stops once its one-hop accuracy (96 checks) reaches it
     warm_traces: int = 4  # two-hop think traces of the base's warm-start (fresh ads)
     warm_batch: int = 4  # two-hop traces (and as many direct answers) a warm-start step
     batch: int = 64  # sequences per step of the gates, the base and its warm-start
@@ -73,6 +162,7 @@ class Config:
         require(self.d_model % self.n_heads == 0,
                 f"--d-model {self.d_model}: must be divisible by --n-heads {self.n_heads}")
         require(self.temperature > 0, f"--temperature {self.temperature}: must be positive")
+        require(0 < self.base_target <= 1, f"--base-target {self.base_target}: must be in (0, 1]")
         for name in ("kl_coef", "clip_eps", "lr_base", "lr_sft", "lr_rl"):
             value = getattr(self, name)
             require(value >= 0 and math.isfinite(value),
@@ -305,7 +395,7 @@ class GPT(nn.Module):
         super().__init__()
         self.n_specials = n_specials  # ids below are tags, which the previous-word feature skips
         self.tok = nn.Embedding(vocab, d)
-        self.prev = nn.Embedding(vocab, d)
+        self.prev = nn.Embedding(vocab, d)  # the previous word's embedding
         self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
         self.ln = nn.LayerNorm(d)
         nn.init.normal_(self.tok.weight, std=0.02)
@@ -585,9 +675,12 @@ def stream_sampler(stream, mode):
     return sample
 
 
-def sft_train(model, tok, sample, steps, lr, device, name, log_every):
-    """SFT: sample(step) → (rows, modes); Adam on the response tokens' cross-entropy."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def sft_train(model, tok, sample, steps, lr, device, name, log_every, opt=None, ready=None):
+    """SFT: sample(step) → (rows, modes); Adam on the response tokens' cross-entropy. Stops
+    early when ready(model) (checked every log_every steps); returns the optimizer and the steps
+    taken."""
+    if opt is None:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.time()
     n_tokens = 0
     for step in range(1, steps + 1):
@@ -601,6 +694,10 @@ def sft_train(model, tok, sample, steps, lr, device, name, log_every):
         if step % log_every == 0 or step == steps:
             log_progress(step, steps, start, arm=name, loss=loss.item(),
                          tok_per_s=n_tokens / (time.time() - start))
+            if ready is not None and ready(model):
+                log(f"{name}: ready after {step} steps")
+                return opt, step
+    return opt, steps
 
 
 def response_budget(mode, max_think, answer_words):
@@ -684,6 +781,15 @@ def grpo_train(model, ref, tok, rows, mode, cfg, device, name, seed):
 
 
 # --- evaluation ---
+
+
+def one_hop_accuracy(model, tok, rows, cfg, device):
+    """Greedy strict accuracy over rows, with and without thinking (the base's readiness)."""
+    scores = []
+    for mode in ("reason", "direct"):
+        texts = respond(model, tok, rows, mode, cfg, device, greedy=True)[3]
+        scores += [judge(t, r["answer"], SLOT_OF) for t, r in zip(texts, rows)]
+    return strict_relaxed(scores)[0]
 
 
 def per_type(rows, scores):
@@ -809,10 +915,17 @@ def run_seed(cfg, seed, tok, device):
     # the base: the one-hop questions (each a step of the chain), with and without thinking,
     # then a warm-start that adds a few two-hop questions to the last steps
     base = GPT(len(tok.vocab), tok.n_specials, cfg.d_model, cfg.n_layers, cfg.n_heads).to(device)
-    warm_steps = math.ceil(cfg.warm_traces / cfg.warm_batch)
     sample = base_sampler(rng, cfg.batch, cfg.base_steps, cfg.warm_batch)
-    sft_train(base, tok, sample, cfg.base_steps + warm_steps, cfg.lr_base, device, "base",
-              cfg.log_every)
+    checks = [r for r in make_rows(random.Random(seed * 1000 + 4), 32) if r["type"] != "two_hop"]
+
+    def ready(model):
+        return one_hop_accuracy(model, tok, checks, cfg, device) >= cfg.base_target
+    opt, base_steps = sft_train(base, tok, sample, cfg.base_steps, cfg.lr_base, device, "base",
+                                cfg.log_every, ready=ready)
+    if cfg.warm_traces:
+        warm = base_sampler(rng, cfg.batch, 0, cfg.warm_batch)
+        sft_train(base, tok, warm, math.ceil(cfg.warm_traces / cfg.warm_batch), cfg.lr_base,
+                  device, "warm-start", cfg.log_every, opt=opt)
     arms = {"base": evaluate(base, tok, train, test, "reason", cfg, device, seed),
             "base_direct": evaluate(base, tok, train, test, "direct", cfg, device, seed)}
     curves = {}
@@ -828,10 +941,12 @@ def run_seed(cfg, seed, tok, device):
         arms[name] = evaluate(model, tok, train, test, mode, cfg, device, seed)
     arms["rl_think"]["chain_rate_before"] = arms["base"]["chain_rate"]
     arms["rl_think"]["chain_rate_after"] = arms["rl_think"]["chain_rate"]
+    arms["rl_think"]["acc_given_chain_before"] = arms["base"]["acc_given_chain"]
     gates = {"direct_two_hop": gate["direct"]["two_hop"]["strict"],
              "think_sft_two_hop": gate["think_sft"]["two_hop"]["strict"],
              "base_chain_rate": arms["base"]["chain_rate"],
              "base_two_hop": arms["base"]["per_task"]["two_hop"]["strict"],
+             "base_steps": base_steps,
 }
     return {"gate": gates, "arms": arms, "curves": curves, "n_params": n_params,
             "n_train": len(train), "n_test": len(test)}
@@ -839,18 +954,21 @@ def run_seed(cfg, seed, tok, device):
 
 def print_table(results):
     arms = results["arms"]
-    heads = ("strict", "relaxed") + TYPES + ("train", "chain", "scramble")
-    log(f"{'arm (test, greedy)':<20}" + "".join(f"{h[:12]:>13}" for h in heads))
+    heads = ("strict", "relaxed") + TYPES + ("train", "chain", "full chain", "scramble")
+    log(f"{'arm (test, greedy)':<12}" + "".join(f"{h[:11]:>12}" for h in heads))
     for name, r in arms.items():
         values = [r["strict"], r["relaxed"]]
         values += [r["per_task"].get(t, {}).get("strict", math.nan) for t in TYPES]
         values += [r["train_strict"], r.get("chain_rate", math.nan)]
-        values.append(r.get("scramble_drop", math.nan))
-        log(f"{name:<20}" + "".join(f"{v if v is not None else math.nan:>13.3f}" for v in values))
+        values += [r.get("full_chain_rate", math.nan), r.get("scramble_drop", math.nan)]
+        log(f"{name:<12}" + "".join(f"{v if v is not None else math.nan:>12.3f}" for v in values))
     gate = results["gate"]
     log(f"gates: direct two_hop {gate['direct_two_hop']:.3f} (chance 0.25), think traces two_hop "
         f"{gate['think_sft_two_hop']:.3f}, base chain rate {gate['base_chain_rate']:.3f}, base "
         f"two_hop {gate['base_two_hop']:.3f}")
+    rl = results["arms"]["rl_think"]
+    log(f"rl_think two_hop accuracy given the chain (T = 1): before RL "
+        f"{rl['acc_given_chain_before']['chain']}, after {rl['acc_given_chain']['chain']}")
     head = results["headline"]
     for key, value in head.items():
         log(f"{key}: mean {value['mean']:.3f} ± {value['std']:.3f}, "
@@ -871,7 +989,7 @@ def plot(results, path):
     axes[0].set_xticklabels(TYPES, fontsize=8)
     axes[0].set_ylabel("test accuracy (strict, greedy)")
     axes[0].set_title(f"accuracy per question type ({len(results['seeds'])} seeds)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower left")
     window = 10
     for seed, curves in zip(results["seeds"], results["curves"]):
         hits = curves["rl_think"]["chain_hits"]
@@ -882,8 +1000,8 @@ def plot(results, path):
     axes[1].set_xlabel("GRPO step (rl_think)")
     axes[1].set_ylabel(f"chain rate on two-hop rollouts (last {window} steps)")
     axes[1].set_ylim(0, 1)
-    axes[1].set_title("the chain 'm C' in the think block, T = 1")
-    axes[1].legend(fontsize=7)
+    axes[1].set_title("think block holds the product's mark m, T = 1")
+    axes[1].legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
 
 
@@ -905,13 +1023,19 @@ def run(cfg):
             log(f"model: {per_seed[0]['n_params']} parameters; data: {per_seed[0]['n_train']} "
                 f"training, {per_seed[0]['n_test']} test questions; vocabulary {len(tok.vocab)}")
     arms = average([r["arms"] for r in per_seed])
-    gate_keys = ("direct_two_hop", "think_sft_two_hop", "base_chain_rate", "base_two_hop")
+    gate_keys = ("direct_two_hop", "think_sft_two_hop", "base_chain_rate", "base_two_hop",
+                 "base_steps")
     gate = average([{k: r["gate"][k] for k in gate_keys} for r in per_seed])
     gate["per_seed"] = {k: [r["gate"][k] for r in per_seed] for k in gate_keys}
     two_hop = {name: [r["arms"][name]["per_task"]["two_hop"]["strict"] for r in per_seed]
                for name in arms}
     gain = [a - b for a, b in zip(two_hop["rl_think"], two_hop["rl_nothink"])]
+    # the best any arm answering at once reached: rl_nothink, or the direct gate (≈ chance)
+    best_direct = [max(n, r["gate"]["direct_two_hop"])
+                   for n, r in zip(two_hop["rl_nothink"], per_seed)]
     headline = {"rl_think_minus_rl_nothink_two_hop": spread(gain),
+                "rl_think_minus_best_direct_two_hop": spread(
+                    [a - b for a, b in zip(two_hop["rl_think"], best_direct)]),
                 "rl_think_two_hop": spread(two_hop["rl_think"]),
                 "rl_nothink_two_hop": spread(two_hop["rl_nothink"]),
                 "chain_rate_after_minus_before": spread(

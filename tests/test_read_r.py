@@ -292,6 +292,9 @@ def test_evaluate_a_scripted_policy():
     assert res["train_per_task"]["two_hop"] == 1.0
     torch.testing.assert_close(res["strict"], 0.25 + 0.25 * res["per_task"]["cue_theme"]["strict"]
                                + 0.25 * res["per_task"]["mark_cue"]["strict"])
+    # the readiness check: right with thinking, "m0" when answering at once → 1/2
+    two_hop = [r for r in test if r["type"] == "two_hop"]
+    assert read_r.one_hop_accuracy(model, tok, two_hop, cfg, torch.device("cpu")) == 0.5
     # scramble: two random frame words replace "m C"; the answer follows the scrambled cue
     assert res["scramble_two_hop"] < 1.0
     torch.testing.assert_close(res["scramble_drop"], 1.0 - res["scramble_two_hop"])
@@ -352,8 +355,18 @@ def test_one_sft_step_and_one_grpo_step_move_the_right_way():
 
     def sample(step):
         return rows, ["reason"] * len(rows)
-    read_r.sft_train(model, tok, sample, 3, 1e-2, torch.device("cpu"), "t", 10)
+    opt, steps = read_r.sft_train(model, tok, sample, 3, 1e-2, torch.device("cpu"), "t", 10)
+    assert steps == 3
     assert read_r.sft_loss(model, x, m).item() < before
+    # early stop: ready() is asked every log_every steps; the optimizer carries on
+    asked = []
+
+    def ready(m):
+        asked.append(True)
+        return len(asked) == 2
+    same, steps = read_r.sft_train(model, tok, sample, 9, 1e-2, torch.device("cpu"), "t", 2,
+                                   opt=opt, ready=ready)
+    assert same is opt and steps == 4 and len(asked) == 2
     # GRPO: rewards come from the judge; one step raises the log-prob of the rewarded samples
     ref = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
     curve = read_r.grpo_train(model, ref, tok, rows, "reason", cfg, torch.device("cpu"), "t", 0)
@@ -398,7 +411,8 @@ def test_smoke_writes_results(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--group", "1"], ["--n-train", "0"], ["--d-model", "30"],
-                                  ["--temperature", "0"], ["--warm-traces", "-1"]])
+                                  ["--temperature", "0"], ["--warm-traces", "-1"],
+                                  ["--base-target", "1.5"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         read_r.main(argv)
