@@ -50,8 +50,8 @@ prompts × G 16 per arm; exact metrics, mean over the 8 prompts; mean ± std ove
     ppo               0.916 ± 0.072 [0.874]   2.0 ± 0.3 [1.6]   1.4 ± 0.3 [1.1]    41.7 ± 3.3 [44.3]
     target p* (ceil.) 1                       319               516                0
     initial π_ref     0.052                   25                516                3.0
-    (distinct valid of 512 samples per prompt; p* keeps 319 of them. grpo and ppo at 0.87 mean that
-    one prompt of eight collapsed onto an invalid answer.)
+    (distinct valid of 512 samples per prompt; p* keeps 319 of them. grpo's and ppo's seeds at 0.87
+    ≈ 7/8 are consistent with one prompt of eight collapsing onto an invalid answer.)
 Frontier (seed 0; coef = β for flowrl, the KL weight 1/(β|y|) it implies in brackets):
     flowrl β 1 [0.25]   0.138 acc   62.8 distinct  KL 2.08   kl_pg 0.25   0.251 acc   97.6  KL 1.91
     flowrl β 1.25 [0.2] 0.213       93.4           1.84      kl_pg 0.2    0.577      106.6     3.07
@@ -66,11 +66,13 @@ the seed spread (five-arm table: 0.955 / 20 ± 13 vs 0.985 / 13 ± 7). GRPO with
 lies on the same curve once its coefficient is comparable (KL 0.2: 0.963 / 18.2, next to FlowRL
 β = 2's 0.965 / 13.1); the old "GRPO keeps 3" compared FlowRL's per-sequence 0.25 with GRPO's 0.1.
 All three frontiers are a sharp switch: strong KL stays near π_ref (accuracy ≤ 0.6), weaker KL
-reaches ≥ 0.96 with 4–35 distinct answers of p*'s 319; no arm at this budget gets high accuracy AND
-broad coverage (v1 reported FlowRL β = 1 at 0.97 / 168 after 700 steps of a 4× larger model; at
-400 steps it has not left π_ref). The learned log Z is a noisier baseline than kl_pg's group mean,
-which is the likely reason FlowRL learns slower at the same weight. CONTROL: kl_pg. CEILING: p*.
-GATE: without a KL (grpo, KL 0.001) the toy collapses to 1–2 answers, so it does test diversity.
+reaches 0.87–1.0 with 1–35 distinct answers of p*'s 319; no arm at this budget gets high accuracy
+AND broad coverage (v1 reported FlowRL β = 1 at 0.97 / 168 after 700 steps × 16 prompts of a 3.5×
+larger model; here, at 400 steps, it has not left π_ref). A guess, not tested here: the learned
+log Z is a noisier baseline than kl_pg's exact group mean, so FlowRL learns slower at the same
+weight. (Frontiers: one seed.)
+CONTROL: kl_pg. CEILING: p*. GATE: without a KL (grpo, KL 0.001) the toy collapses to 1–2 answers,
+so it does test diversity.
 Tiered task (seed 0, the arms at β = 2): P(r = 0.5)/P(r = 1) is 5e-6 (flowrl) and 3e-6 (kl_pg)
 against 0.96 for p* and 0.48 for a reward-proportional target. This is what FlowRL's own target
 predicts: with r̂ the half-reward answers are down-weighted by exp(−β|y|·Δr̂) ≤ e^−8 per group, so
@@ -449,6 +451,9 @@ def kl_pg_baseline(reward, old_logp, ref_logp, mask, kl_weight, group):
 
     reward: (N,) with N = B·G, grouped by prompt; old_logp, ref_logp, mask: (N, T) → b: (N,).
     """
+    if reward.dim() != 1 or old_logp.shape != (reward.shape[0], mask.shape[1]):
+        raise ValueError(f"kl_pg_baseline: reward (N,) and old_logp (N, T) expected, got "
+                         f"{tuple(reward.shape)} and {tuple(old_logp.shape)}")
     log_ratio_ref = ((old_logp - ref_logp) * mask).sum(dim=1)  # (N,)
     shaped = (reward - kl_weight * log_ratio_ref).view(-1, group)  # (B, G)
     return shaped.mean(dim=1, keepdim=True).expand_as(shaped).reshape(-1)  # (N,)
@@ -623,9 +628,8 @@ def train_arm(arm, cfg, init_state, ref, ref_logpi, targets, seed, device):
         minibatches = torch.randperm(n, device=device).chunk(cfg.minibatches)
         history = update(model, opt, rollout, arm, minibatches, cfg, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            samples_per_s = step * n / (time.time() - start)
             log_progress(step, cfg.steps, start, reward=rollout.reward.mean().item(),
-                         **history[-1], samples_per_s=samples_per_s)
+                         **history[-1], samples_per_s=step * n / (time.time() - start))
     wall = time.time() - start
     cpu = time.process_time() - cpu_start
     model.eval()

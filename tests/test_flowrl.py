@@ -35,6 +35,7 @@ def test_flowrl_loss_two_lengths_one_clipped_weight():
     assert_close(stats["w_clip_frac"], torch.tensor(0.5))
     assert_close(stats["delta2"], torch.tensor((0.01 + 2.25) / 2))
     assert_close(stats["log_z"], torch.tensor(0.0))
+    assert not any(v.requires_grad for v in stats.values())  # stats are detached numbers
     loss.backward()
     # ∂L/∂log_z = w · 2δ / N: A 1 · 0.2 / 2 = 0.1; B 1.2 · (−3) / 2 = −1.8
     assert_close(log_z.grad, torch.tensor([0.1, -1.8]))
@@ -92,6 +93,11 @@ def test_group_normalize():
     # an all-equal group: std 0 → r̂ = 0 / (0 + 1e-6) = 0, no NaN
     same = flowrl.group_normalize(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
     assert_close(same, torch.zeros(2, 4))
+    # the 1e-6 is added to the std: [1, 0] → ±0.5 / (√0.5 + 1e-6), checked in float64
+    out = flowrl.group_normalize(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    expected = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert_close(out, torch.tensor([[expected, -expected]], dtype=torch.float64), rtol=1e-12,
+                 atol=0)
     # G = 1: mean 0, std 1 as verl → r / (1 + 1e-6)
     assert_close(flowrl.group_normalize(torch.tensor([[2.0]])), torch.tensor([[2.0 / (1 + 1e-6)]]))
     with pytest.raises(ValueError):
@@ -196,6 +202,7 @@ def test_kl_pg_loss_hand_computed():
     # L = −(−0.4 + 1.275) / 2 = −0.4375
     assert_close(loss, torch.tensor(-0.4375))
     assert_close(stats["kl"], torch.tensor(0.25))  # mean of (1, −0.5)
+    assert not any(v.requires_grad for v in stats.values())
     loss.backward()
     # ∂L/∂logp_t = −w A / (N |y|): 1: −0.4 / 4 = −0.1; 2: 1.2 · 0.85 / 4 = 0.255 (A is detached)
     assert_close(logp.grad, torch.tensor([[-0.1, -0.1], [0.255, 0.255]]))
@@ -209,6 +216,8 @@ def test_kl_pg_baseline_is_the_group_mean_of_the_shaped_reward():
     r_hat = torch.tensor([1.0, -1.0, 0.0, 0.0])
     b = flowrl.kl_pg_baseline(r_hat, old, ref, torch.ones(4, 2), 0.5, 2)
     assert_close(b, torch.tensor([0.0, 0.0, -0.5, -0.5]))
+    with pytest.raises(ValueError):
+        flowrl.kl_pg_baseline(r_hat[:, None], old, ref, torch.ones(4, 2), 0.5, 2)
 
 
 def test_flowrl_expected_gradient_equals_kl_pg_on_policy():
@@ -311,6 +320,11 @@ def test_ppo_loss_clipped_value_and_surrogate():
                                   value_clip=0.5, vf_coef=0.5)
     assert_close(stats["vf_loss"], torch.tensor(0.125))
     assert_close(loss, torch.tensor(0.0625))
+    # the same on two tokens: the token mean is still 0.125 (a mean of a mean would halve it)
+    two = torch.ones(1, 2)
+    zeros = torch.zeros(1, 2)
+    _, stats = flowrl.ppo_loss(zeros, zeros, two, zeros, two, zeros, two)
+    assert_close(stats["vf_loss"], torch.tensor(0.125))
     # surrogate: A = (1, −1), ρ = (1.5, 1.5): max(−1.5, −1.2) = −1.2; max(1.5, 1.2) = 1.5 → 0.15;
     # V = R = 0.2 = V_old → no value loss
     logp = torch.tensor([[math.log(1.5), math.log(1.5)]])
@@ -629,6 +643,18 @@ def test_main_arms_tie_kl_pg_to_beta():
     tiered = flowrl.tiered_arms(flowrl.Config(tiered_arms="kl_pg,ppo"))
     assert [(a.algo, a.coef, a.task) for a in tiered] == [("kl_pg", 0.125, "tiered"),
                                                         ("ppo", 0.0, "tiered")]
+
+
+def test_run_key_trains_grpo_kl_and_grpo_once_but_keeps_algorithms_apart():
+    key = flowrl.run_key
+    assert key(flowrl.Arm("grpo_kl", "grpo_kl", 0.1, "digitsum"), 0) == key(
+        flowrl.Arm("grpo KL=0.1", "grpo", 0.1, "digitsum"), 0)
+    assert key(flowrl.Arm("flowrl", "flowrl", 0.1, "digitsum"), 0) != key(
+        flowrl.Arm("grpo", "grpo", 0.1, "digitsum"), 0)
+    assert key(flowrl.Arm("kl_pg", "kl_pg", 0.1, "digitsum"), 0) != key(
+        flowrl.Arm("kl_pg", "kl_pg", 0.1, "tiered"), 0)
+    assert key(flowrl.Arm("ppo", "ppo", 0.0, "digitsum"), 0) != key(
+        flowrl.Arm("ppo", "ppo", 0.0, "digitsum"), 1)
 
 
 def test_smoke_writes_every_arm_frontier_and_tiered(tmp_path):
