@@ -288,6 +288,7 @@ def test_smoke_writes_the_issue_keys(tmp_path):
         assert key in saved["arms"]["full"]["E+K"]
     needs = saved["needs_both"]
     assert needs["n_scenes"] == 4 and len(needs["margin_per_seed"]) == len(saved["seeds"]) == 2
+    assert needs["samples_per_scene"] == 2
     for key in ("fidelity", "fidelity_min_seed", "ceiling"):
         assert set(needs[key]) == set(C.EVAL_COMBOS)
     assert needs["ceiling"]["E+K"] == 1.0 and needs["ceiling"]["E"] < 1
@@ -442,3 +443,9 @@ def test_goals_by_hand():
     goals = C.goals(res)
     assert not goals["margin_positive_in_every_seed"] and not goals["seen_pairs_ge_0.9_every_seed"]
     assert not goals["kv_cache_speedup_ge_10_identical"] and goals["margin_mean_ge_0.05"]
+    res["needs_both"]["margin_mean"] = 0.05  # the bound itself counts
+    res["health"]["seen_pairs_per_seed"] = [0.9, 0.9]
+    res["kv_cache_speedup"] = 10.0
+    goals = C.goals(res)
+    assert goals["margin_mean_ge_0.05"] and goals["seen_pairs_ge_0.9_every_seed"]
+    assert goals["kv_cache_speedup_ge_10_identical"]
