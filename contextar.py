@@ -76,8 +76,8 @@ Deviations from the paper (no official code was found):
   conditions come from the scene's layout, not from canny / depth / pose detectors. A 3-layer
   width-64 decoder trained from scratch, not a retrained LlamaGen-XL.
 - The prompt is six words from a closed vocabulary, one token each, read by the decoder (LlamaGen:
-  FLAN-T5 features); as the identity rotation gives text no position, a learned text-position
-  embedding orders them.
+  FLAN-T5 features); the identity rotation gives text no position, so the slot is in the embedding
+  (see "Text embedding" below).
 - Image slot j holds x_(j-1) (a start token at j = 0) but sits at cell j, the cell it predicts, so
   the query for cell j meets the conditions of cell j at offset 0.
 - One condition subset per batch (round-robin, no padding); CFG dropout per sample hides the blocks
@@ -92,7 +92,8 @@ Deviations from the paper (no official code was found):
   still does not (see above).
 - Half of each head's dimensions are not rotated (rotary_frac = 0.5, as GPT-NeoX's rotary_pct):
   text keys are unrotated, so with every pair rotated a query's score against a text token depends
-  on the query's own cell. Chosen by that argument, not measured apart from text_emb.
+  on the query's own cell. Alone (with the version-1 text embedding) it left seed 3 stuck; with
+  text_emb it was not measured apart.
 - ceiling() takes the best single valid layout (an image that is no layout is not considered);
   the text-only ceiling uses an evenly spaced 256 of the matching layouts.
 - The needs-both subset is drawn apart from the same generator (rejection on needs_both()); each
