@@ -37,17 +37,58 @@ Key equations (symbols as in the code):
 Run: `python ssrl.py` (per seed: pretrain, gates, pass@k before RL, SSRL with the mask on and off,
 pass@k after, sim-to-real, stale world); `--n-seeds 1`; `--steps 60`; `--smoke`.
 
-RESULTS
+Default run (`python ssrl.py`: seeds 0 and 1; 90 people, 30 each for demonstrations, RL and held
+out; a 0.12M-parameter decoder; 236 s CPU at one thread, 802 s wall on a 2-core machine shared with
+other jobs, so no quiet wall time was measured). Mean ± std over the 2 seeds (3 did not fit the
+240 s CPU budget); pass@k from 32 samples at T = 1 on 10 people × 4 templates per group; plan =
+strict plan accuracy of those samples; greedy EM over all 30 people of the group:
+                                 pass@1      pass@4      pass@32     plan        greedy EM
+    before RL, held out          0.22±0.00   0.59±0.01   1.00±0.00   0.20±0.01   0.21±0.07
+    before RL, RL people         0.21±0.02   0.57±0.03   0.97±0.03   0.21±0.01   0.20±0.05
+    SSRL mask on, held out       0.32±0.14   0.58±0.13   0.91±0.01   0.33±0.24   0.37±0.25
+    SSRL mask on, RL people      0.35±0.09   0.64±0.11   0.93±0.05   0.38±0.24   0.35±0.15
+    SSRL mask off, held out      0.73±0.02   0.94±0.03   1.00±0.00   0.84±0.01   0.88±0.01
+    SSRL mask off, RL people     0.88±0.05   0.99±0.01   0.99±0.01   0.86±0.01   0.97±0.01
+  Gates before RL (both seeds): held-out per-hop recall with the right query 1.000 (>= 0.95); copy
+  (first query names the asked person) 0.995 (>= 0.85). Ceiling: EM 1.0 (every fact recallable,
+  one right chain); before RL pass@32 is already 1.00 on held-out people: the knowledge is there.
+  Held-out pass@1 by template (before → mask on → mask off): city .25 → .41 → .68, employer .13 →
+  .10 → .76, country .24 → .37 → .69, employer country .28 → .40 → .80.
+  Mask on, per seed: held-out pass@1 0.228 → 0.465 (seed 0) and 0.220 → 0.177 (seed 1); plan 0.57
+  and 0.09; greedy EM 0.62 and 0.13; RL people ahead of held out by −0.02 and +0.08.
+  Per-hop recall in the sampled trajectories (T = 1, held out; city / employer / hq / country):
+  before .93/.86/.97/.97, mask on .42/.31/.78/.86, mask off .75/.75/.96/.88. Format rate .99 → .48
+  (mask on) / .97 (off); the answer repeats the last information block .97 → .67 / .95.
+  Sim-to-real (after SSRL with the mask on, 4 samples, held out): EM with self-written information
+  0.30, with the true lookup pasted after each </search> 0.73 (plan accuracy 0.31 → 0.74); stale
+  world (half of those people moved city): 0.22 and 0.74.
+
+What this shows. Self-Search reproduces: pass@k climbs from 0.22 (k = 1) to 1.00 (k = 32) before
+any RL. The goal in miniature (held-out pass@1 +0.3, plan >= 0.7, greedy EM >= 0.9, RL people at
+most 0.15 ahead) is NOT met with the information mask on, the paper's setting: +0.10 ± 0.14 (worst
+seed −0.04), plan 0.33, greedy EM 0.37. Transfer itself is there (RL people are only 0.03 ahead),
+but with the mask on nothing anchors the self-written information block and the updates to the
+think, search and answer tokens of this small model drift it: per-hop recall in the trajectories
+falls from 0.93 to 0.42 (city), so right plans end on wrong facts, and on seed 1 the plan itself
+collapsed (0.09). With the true lookup pasted in, the same model answers 0.73: the plan moved more
+than the self-search EM shows. The mask-off control meets the held-out goals (+0.51 ± 0.01, plan
+0.84, greedy EM 0.88, just under 0.9) but RL people pull 0.15 ahead (0.18, 0.11): unmasked, RL
+also trains the RL people's facts, i.e. memorises. So here the mask trades memorisation for drift;
+the paper, with 3B-8B models and lr 1e-6, reports that masking helps.
 
 Deviations from the paper (and its official code, TsinghuaC3I/SSRL):
 - A small decoder on a synthetic world, not Llama/Qwen 3B-8B on NQ, HotpotQA, ...; the format is
   taught by pretraining (bio lines, demonstrations), not by an instruction prompt.
-- GRPO with one update per batch (π_old = π_θ: ρ = 1, the clip never fires), group 8, lr RL_LR
-  (paper: group 5, lr 1e-6 on 3B-8B models); no entropy bonus.
+- 90 people (the spec: 240) and 2 seeds, to fit the CPU budget; the think blocks name the next
+  relation ("done" before the answer), so the plan is written out; templated questions.
+- GRPO with one update per batch (π_old = π_θ: ρ = 1, the clip never fires), group 5 as the paper,
+  16 questions × 100 steps, lr 5e-4 (paper: lr 1e-6 on 3B-8B models); no entropy bonus.
 - format_reward follows the official `format_reward` check by check, except its placeholder checks
   ("your query", "your thoughts", ...), which the toy cannot write.
-- Information masking by token ids (the official regex misses multi-line blocks), and a stray
-  </information> closes nothing (the v1 mask stopped masking every later block after one).
+- Information masking by token ids. The official `create_information_loss_mask` (ray_trainer.py)
+  finds blocks with a regex on decoded text without re.S (it misses multi-line blocks) and maps
+  characters back to tokens by re-encoding prefixes. Here a stray </information> closes nothing
+  (the v1 mask stopped masking every later block after one).
 - The "real search engine" is an exact lookup ("subject relation" → the fact line, else
   "no result").
 """
@@ -983,20 +1024,21 @@ def print_table(results):
 
 def plot(results, path):
     fig, axes = new_figure(2)
-    styles = {"before_rl": ("tab:gray", "-"), "after_rl": ("tab:blue", "-"),
-              "after_rl_mask_off": ("tab:orange", "--")}
+    styles = {"before_rl": ("tab:gray", "-", "before RL"),
+              "after_rl": ("tab:blue", "-", "after SSRL (information mask on)"),
+              "after_rl_mask_off": ("tab:orange", "--", "after SSRL, mask off (control)")}
     for ax, group in zip(axes, ("heldout", "rl_people")):
-        for name, (color, style) in styles.items():
+        for name, (color, style, label) in styles.items():
             curve = results["arms"][name][group]["pass_at_k"]
             ks = [int(k) for k in curve]
-            ax.plot(ks, list(curve.values()), style, color=color, label=name.replace("_", " "))
+            ax.plot(ks, list(curve.values()), style, color=color, label=label)
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k")
         title = "held-out people (never in RL)" if group == "heldout" else "RL people"
         ax.set_title(f"{title}, {len(results['seeds'])} seeds")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
 
 

@@ -653,3 +653,54 @@ def test_user_data_runs_the_whole_pipeline(tmp_path):
     kb = ssrl.load_world(cfg, random.Random(0))
     assert kb.facts == {(s, r): o for s, r, o in triples}
     assert len(ssrl.people_of(kb)) == 30
+
+
+# --- survivors of mutate.py, killed by behaviour ---
+
+
+def test_every_vocabulary_word_is_one_token():
+    kb, tok = small_world()
+    for word in ["of", "?", "a0", "b1", "c0", "k1", "e0", "hq", "employer", "country", "done"]:
+        assert len(tok.encode(" " + word)) == 1, word
+        assert len(tok.encode(word)) == 1, word
+
+
+def test_gpt2_init_and_causal_prefill_of_two_tokens():
+    torch.manual_seed(0)
+    model = ssrl.GPT(500, 64, 1, 2, 32)
+    std = float(model.tok.weight.detach().std())
+    assert abs(std - 0.02) < 0.002  # N(0, 0.02)
+    ids = torch.tensor([[3, 4]])
+    with torch.no_grad():
+        two = model(ids)  # (1, 2, V): causal, so position 0 must not see token 1
+        one = model(ids[:, :1])
+    torch.testing.assert_close(two[:, 0], one[:, 0], atol=1e-5, rtol=0)
+
+
+def test_generate_writes_exactly_max_new_tokens_when_it_never_stops():
+    kb, tok = small_world()
+    prompt = tok.encode("<s> city of a0 b0 ?")
+    model = Scripted(len(tok.raw), {tuple(prompt): tok.encode(" of" * 30)}, tok.special["<pad>"])
+    rollout = ssrl.generate(model, [prompt], 7, tok, torch.device("cpu"), temperature=0)
+    assert rollout.seq.shape[1] == len(prompt) + 7
+    assert ssrl.decode_responses(tok, rollout) == [" of" * 7]
+
+
+def test_grpo_kl_estimate_is_clamped_to_ten():
+    # Â = 0, u = ref − logp = 30 → clamped to 20 → e^20 − 21, then the estimate clamped to 10
+    zero = torch.zeros(1, 1)
+    loss, _ = ssrl.grpo_loss(zero, zero, zero + 30, torch.ones(1, 1), torch.zeros(1), kl_coef=1.0)
+    torch.testing.assert_close(loss, torch.tensor(10.0))
+
+
+def test_the_control_arm_runs_with_the_mask_off(monkeypatch, tmp_path):
+    seen = []
+    real_ssrl = ssrl.ssrl
+
+    def recording(model, ref, kb, questions, cfg, tok, device, info_mask, rng):
+        seen.append(info_mask)
+        return real_ssrl(model, ref, kb, questions, cfg, tok, device, info_mask, rng)
+
+    monkeypatch.setattr(ssrl, "ssrl", recording)
+    ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert seen == [True, False]
