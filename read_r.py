@@ -56,13 +56,13 @@ Two-hop accuracy per seed (0, 1, 2): rl_think 0.824 / 0.000 / 0.024; rl_nothink 
 Gates per seed: answering at once 0.256 / 0.264 / 0.228 (chance 0.25: met); after think traces
 1.000 / 0.284 / 1.000 (seed 1 still on its plateau at 600 steps); base chain rate 0.988 / 0.984 /
 0.932 (≥ 0.05: met) with two-hop accuracy 0.032 / 0.000 / 0.004 (low: met); base steps 450 / 1500
-(not ready: mark_cue direct unlearnt) / 700.
+(not ready at the cap) / 700.
 Headline, two-hop strict: rl_think − rl_nothink = 0.211 ± 0.281 (worst seed 0.000); rl_think
 0.283 ± 0.383 (worst 0.000); scramble drop 0.171 ± 0.256 (worst −0.016); chain rate 0.968 → 0.927
 (−0.041 ± 0.051); full chain "m C" 0.003 → 0.000; accuracy given the chain 0.021 → 0.262.
 Goals: +0.2 over rl_nothink met on the mean, not on the worst seed; scramble drop ≥ 0.3 met on
-seed 0 only; chain rate rising: not met. Reproduced on seed 0 only (two-hop 0.824 vs 0.216, chain
-0.99, the scrambled think block loses most of it); seeds 1 and 2 stay at 0.0–0.02.
+seed 0 only (0.53, from the mean, std and worst); chain rate rising: not met. Reproduced on seed 0
+only (two-hop 0.824 vs 0.216, chain 0.99 in its last rollouts); seeds 1 and 2 stay at 0.0–0.02.
 Why, with numbers: the base writes m at once on 93–99 % of two-hop questions (the product_mark
 trace "m" transfers), so the chain rate has no room to rise; what the base lacks is the answer
 after m — its accuracy given the chain is 0.02 (it answers with a mark, as product_mark does). On

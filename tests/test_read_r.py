@@ -33,6 +33,9 @@ def test_answer_reward_exact_partial_hedge_contradiction_length():
     assert read_r.answer_reward("car m4", "car m3", SLOT) == 0.0
     # one right, the other hedged (m3 and m4) → the mark slot contradicts → 0
     assert read_r.answer_reward("car m3 m4", "car m3", SLOT) == 0.0
+    # three slots, one right: 1 of 3 is less than half → 0; two of three, nothing wrong → 0.5
+    assert read_r.answer_reward("car", "car m3 safety", SLOT) == 0.0
+    assert read_r.answer_reward("car m3", "car m3 safety", SLOT) == 0.5
     # over-long: 6 words > 5 × 1 and right → 0.1; exactly 5 × 1 → 1
     assert read_r.answer_reward("safety " * 6, "safety", SLOT) == 0.1
     assert read_r.answer_reward("safety " * 5, "safety", SLOT) == 1.0
@@ -65,10 +68,10 @@ def test_format_judge_and_total_reward():
 
 
 def test_strict_relaxed_hand_list():
-    # 1, 0.5, 0, 1, 0.1 → strict 2/5 = 0.4, relaxed (≥ 0.5) 3/5 = 0.6
-    strict, relaxed = read_r.strict_relaxed([1.0, 0.5, 0.0, 1.0, 0.1])
-    torch.testing.assert_close(strict, 0.4)
-    torch.testing.assert_close(relaxed, 0.6)
+    # 1, 0.5, 0, 1, 0.1, 0.3 → strict 2/6, relaxed (≥ 0.5) 3/6
+    strict, relaxed = read_r.strict_relaxed([1.0, 0.5, 0.0, 1.0, 0.1, 0.3])
+    torch.testing.assert_close(strict, 2 / 6)
+    torch.testing.assert_close(relaxed, 3 / 6)
     assert read_r.strict_relaxed([]) == (0.0, 0.0)
 
 
@@ -407,6 +410,24 @@ def test_smoke_writes_results(tmp_path):
         assert key in saved["gate"]
     assert saved["seeds"] == [0, 1]
     assert res["arms"]["sft"]["strict"] == saved["arms"]["sft"]["strict"]
+    # the summaries agree with the per-seed numbers they summarise
+    arms = saved["arms"]
+    per_seed = saved["two_hop_per_seed"]
+    for arm in ("base", "sft", "sft_trace", "rl_think", "rl_nothink"):
+        torch.testing.assert_close(arms[arm]["per_task"]["two_hop"]["strict"],
+                                   sum(per_seed[arm]) / 2)
+    head = saved["headline"]
+    torch.testing.assert_close(head["rl_think_two_hop"]["mean"], sum(per_seed["rl_think"]) / 2)
+    assert head["rl_nothink_two_hop"]["worst"] == min(per_seed["rl_nothink"])
+    gains = [a - b for a, b in zip(per_seed["rl_think"], per_seed["rl_nothink"])]
+    torch.testing.assert_close(head["rl_think_minus_rl_nothink_two_hop"]["mean"], sum(gains) / 2)
+    gate = saved["gate"]
+    torch.testing.assert_close(gate["direct_two_hop"], sum(gate["per_seed"]["direct_two_hop"]) / 2)
+    assert gate["base_chain_rate"] == arms["rl_think"]["chain_rate_before"] == arms["base"][
+        "chain_rate"]
+    assert arms["rl_think"]["chain_rate_after"] == arms["rl_think"]["chain_rate"]
+    assert len(saved["curves"]) == 2 and len(saved["curves"][0]["rl_think"]["reward"]) == 3
+    assert "chain_rate" not in arms["rl_nothink"] and "scramble_drop" in arms["sft_trace"]
     assert (tmp_path / "read_r.png").exists()
 
 
