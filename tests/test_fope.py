@@ -411,6 +411,20 @@ def test_block_is_residual_attention_then_residual_mlp():
     assert_close(block(x, fope.attention_bias(2, 5), torch.ones(2)), h + block.mlp(block.ln2(h)))
 
 
+def test_nope_sees_a_set_and_alibi_sees_order():
+    # without positions, causal attention over a prefix is a function of the set of earlier tokens:
+    # swapping tokens 0 and 1 leaves the logits at position 3 unchanged for nope, not for alibi
+    x = torch.tensor([[1, 2, 3, 4]])
+    y = torch.tensor([[2, 1, 3, 4]])
+    for arm, invariant in (("nope", True), ("alibi", False)):
+        torch.manual_seed(0)
+        model = fope.Decoder(arm, 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
+        with torch.no_grad():
+            model.blocks[0].qkv.weight.mul_(30.0)
+            same = torch.allclose(model(x)[0, 3], model(y)[0, 3], atol=1e-6)
+        assert same == invariant
+
+
 def test_decoder_is_causal_and_window_limits_what_it_sees():
     torch.manual_seed(0)
     model = fope.Decoder("rope", 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
@@ -436,7 +450,9 @@ def test_training_learns_recall(capsys):
     vocab = data.vocab
     assert vocab == 8 + 2 * 5
     before = fope.evaluate(fope.Decoder("cf_only", vocab, cfg).eval(), data.evals[32], 10, 4)
+    t0 = time.process_time()
     model, step_time = fope.train_arm("cf_only", cfg, data, torch.device("cpu"), 0)
+    assert 0 < step_time * 40 <= time.process_time() - t0  # seconds per step, not in total
     after = fope.evaluate(model, data.evals[32], 10, 4)
     assert step_time > 0 and not model.training
     assert after["filler_ppl"] < 0.8 * before["filler_ppl"]
@@ -484,6 +500,7 @@ def test_smoke_run_results_and_bad_input(tmp_path, capsys):
     assert abs(saved["fope_minus_cf_only"]["recall_ppl"]["128"][0] - sum(diffs) / 2) < 1e-3
     heads = saved["positional_heads"]
     assert heads["arm"] == "rope" and len(heads["per_seed"]["fope"]) == 2
+    assert [len(r["random_sets"]) for r in heads["per_seed"]["rope"]] == [2, 2]  # smoke: 2 draws
     top = [r["top_drop"] for r in heads["per_seed"]["rope"]]
     assert abs(heads["top_drop"] - sum(top) / 2) < 1e-3
     assert set(saved["filler_oracle_ppl"]) == {"64", "128"}
