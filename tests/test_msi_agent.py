@@ -658,6 +658,10 @@ def test_evaluate_with_the_applier_and_a_fixed_planner(monkeypatch):
     eps = m.evaluate(ROWS, tasks, "vector", 6)
     assert [e["success"] for e in eps] == [False, True, True]
     assert [e["success"] for e in m.evaluate(ROWS, tasks, "none", 8)] == [False, True, False]
+    # vector selects per query, not per kind: heat apple ranks the brew rule below slice's
+    # (both cos 0, by id), heat mug ranks it second and is spoiled
+    apple_first = [m.Task("kitchen", (("heat", "apple", "none"),)), HEAT_MUG]
+    assert [e["success"] for e in m.evaluate(ROWS, apple_first, "vector", 6)] == [True, False]
     # the fixed planner skips the toggle before heat: heat mug fails at its last step only
     seen = []
     _fixed_planner(monkeypatch, seen)
