@@ -40,8 +40,9 @@ Run:
     python flowrl.py --smoke             # the same code path at a tiny size, in seconds
 
 Result of the default run (measured on a 2-core CPU shared with 7 other sessions, one thread: 192 s
-CPU time in total, 635 s wall under that load; each training ≈ 7 s CPU; 3 seeds, 400 steps × 8
-prompts × G 16 per arm; exact metrics, mean over the 8 prompts; mean ± std over seeds [worst seed]):
+CPU time in total, 635 s wall under that load, so about 3–4 min wall on a quiet machine (not
+measured quiet); 25 trainings of ≈ 7 s CPU each; 3 seeds, 400 steps × 8 prompts × G 16 per arm;
+exact metrics, mean over the 8 prompts; mean ± std over seeds [worst seed]):
     arm               accuracy               distinct valid     effective answers  KL(p*‖π)
     flowrl (β = 2)    0.955 ± 0.035 [0.916]  20.0 ± 13 [12.2]   7.6 ± 3.0 [5.4]    11.8 ± 2.2 [13.4]
     kl_pg (KL 0.125)  0.985 ± 0.018 [0.965]  13.3 ± 6.9 [8.4]   5.9 ± 1.2 [4.8]    15.7 ± 3.9 [18.1]
@@ -801,6 +802,7 @@ def frontier_arms(cfg):
 
 
 def tiered_arms(cfg):
+    """The arms trained once on the tiered task, at the five-arm table's coefficients."""
     main = {arm.algo: arm for arm in main_arms(dataclasses.replace(cfg, arms=",".join(ALGOS)))}
     names = [a for a in cfg.tiered_arms.split(",") if a]
     return [main[a]._replace(task="tiered") for a in names]

@@ -335,6 +335,7 @@ def test_ppo_loss_clipped_value_and_surrogate():
     assert_close(loss, torch.tensor(0.15))
     # the stats are detached numbers, the loss carries the gradient
     v = v.clone().requires_grad_(True)
+    logp = logp.clone().requires_grad_(True)
     loss, stats = flowrl.ppo_loss(logp, torch.zeros(1, 2), torch.ones(1, 2),
                                   torch.tensor([[1.0, -1.0]]), v, v.detach(), v.detach() + 1)
     assert loss.requires_grad
@@ -566,10 +567,15 @@ def test_training_raises_accuracy_for_every_arm(capsys):
         assert 0 < out["cpu_time_s"] < 600 and 0 < out["wall_time_s"] < 600
     for name, tensor in ref.state_dict().items():
         assert torch.equal(tensor, init_state[name])
-    # one progress line per arm: log_every (1000) > steps, so only the last step logs
+    # a single step already moves the policy (step 1 is trained, not skipped)
+    one = flowrl.train_arm(flowrl.Arm("grpo", "grpo", 0.001, "digitsum"),
+                           flowrl.Config(**{**cfg.__dict__, "steps": 1}), init_state, ref,
+                           ref_logpi, targets, 0, torch.device("cpu"))
+    assert one["accuracy"] != initial
+    # one progress line per arm (log_every 1000 > steps: only the last step logs), and the 1-step run
     out = capsys.readouterr().out
     assert out.count("step    40/40") == 4
-    assert out.count("step ") == 4
+    assert out.count("step ") == 5
 
 
 # --- the exact evaluator ---
