@@ -325,6 +325,10 @@ def test_grpo_loss_hand():
     torch.testing.assert_close(terms["pg_loss"], torch.tensor(-0.85))
     torch.testing.assert_close(terms["kl"], k3)
     torch.testing.assert_close(loss, torch.tensor(-0.85) + 0.01 * k3)
+    torch.testing.assert_close(terms["clip_frac"], torch.tensor(1.0))  # both outside [0.8, 1.2]
+    # Â = −1: max(1.5, 1.2) = 1.5 and max(0.5, 0.8) = 0.8 (the clip's lower end binds) → 1.15
+    _, terms = read_r.grpo_loss(logp, old, ref, torch.ones(1, 2), torch.tensor([-1.0]), 0.2, 0.0)
+    torch.testing.assert_close(terms["pg_loss"], torch.tensor(1.15))
 
 
 # --- training ---
@@ -356,10 +360,13 @@ def test_one_sft_step_and_one_grpo_step_move_the_right_way():
     x, m = read_r.batch_tensors(tok, rows, ["reason"] * len(rows), torch.device("cpu"))
     before = read_r.sft_loss(model, x, m).item()
 
+    seen = []
+
     def sample(step):
+        seen.append(step)
         return rows, ["reason"] * len(rows)
     opt, steps = read_r.sft_train(model, tok, sample, 3, 1e-2, torch.device("cpu"), "t", 10)
-    assert steps == 3
+    assert steps == 3 and seen == [1, 2, 3]
     assert read_r.sft_loss(model, x, m).item() < before
     # early stop: ready() is asked every log_every steps; the optimizer carries on
     asked = []
