@@ -260,9 +260,10 @@ def tokenize(prompts):
 def word_encoding(words, specials):
     """An offline tiktoken.Encoding over a closed vocabulary (the stock ones download their files).
 
-    Ranks: the 256 single bytes, then every prefix of every word (with and without a leading space), so
-    BPE merges each vocabulary word into one token; unknown text still encodes, byte by byte. `specials`
-    (tags such as "<think>") become special tokens: encode with allowed_special="all".
+    Ranks: the 256 single bytes, then every prefix of every word (with and without a leading
+    space), so BPE merges each vocabulary word into one token; unknown text still encodes, byte by
+    byte. `specials` (tags such as "<think>") become special tokens: encode with
+    allowed_special="all".
     """
     ranks = {bytes([i]): i for i in range(256)}
     for word in sorted(set(words)):
