@@ -41,9 +41,9 @@ Run:
     python msi_agent.py --data tasks.jsonl   # your own in-domain test tasks
 
 Result of the default run (2-core CPU, one thread: 68 s CPU (user + sys), of it 21 s training the
-planner; 231 s wall on a machine shared by 8 jobs (no quiet machine to measure on); 3 exploration
-seeds x 16,000 episodes (explore_p 0.5: exploration SR 0.24), 1,000 test tasks per condition and seed;
-mean over seeds, SR per seed; * = the rule-applier oracle):
+planner; 231 s wall on a machine shared by 8 jobs (no quiet machine to measure on); 3
+exploration seeds x 16,000 episodes (explore_p 0.5: exploration SR 0.24), 1,000 test tasks per
+condition and seed; mean over seeds, SR per seed; * = the rule-applier oracle):
     arm               SR     GC     SR*  | garage SR  GC    SR*   | SR per seed
     none              0.132  0.110  0.132 | 0.119  0.105  0.119 | 0.133 0.127 0.136
     flat (ExpeL-like) 0.265  0.286  0.266 | 0.634  0.804  0.637 | 0.257 0.264 0.274
