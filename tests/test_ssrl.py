@@ -2,6 +2,7 @@
 toy world, and the evaluation of models whose answers are fixed by hand."""
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -270,6 +271,8 @@ def test_world_gold_search_and_trajectories():
     assert kb.search("nobody city") == "no result"
     assert kb.search("") == "no result"
     assert ssrl.people_of(kb) == ["a0 b0", "a0 b1"]
+    # a subject needs both a home city and an employer to be a person
+    assert ssrl.people_of(ssrl.KB([("x y", "city", "c0"), ("z w", "employer", "e0")])) == []
     for template, chain in ssrl.TEMPLATES.items():
         text = ssrl.trajectory_text(kb, "a0 b0", chain)
         assert tok.decode(tok.encode(text)) == text
@@ -307,6 +310,7 @@ def test_pretraining_pool_and_demo_sampling():
     assert min(lengths) >= min(len(b) for b in pool.bios)
     assert max(lengths) <= 3 * max(len(b) for b in pool.bios)
     assert max(lengths) > 2 * max(len(b) for b in pool.bios)
+    assert min(lengths) <= max(len(b) for b in pool.bios)  # some sequences hold one bio line
 
 
 def test_stale_world_moves_the_fraction_and_keeps_the_rest():
@@ -315,6 +319,7 @@ def test_stale_world_moves_the_fraction_and_keeps_the_rest():
     assert n == 1
     changed = [p for p in ("a0 b0", "a0 b1") if stale.facts[(p, "city")] != kb.facts[(p, "city")]]
     assert len(changed) == 1
+    assert stale.facts[(changed[0], "city")] in {"c0", "c1"}  # moved to another home city
     assert {k: v for k, v in stale.facts.items() if k[0] not in changed} == \
         {k: v for k, v in kb.facts.items() if k[0] not in changed}
 
@@ -331,6 +336,7 @@ class Scripted(nn.Module):
         self.script = script  # prompt ids (tuple, without padding) → response ids
         self.pad = pad
         self.dummy = nn.Parameter(torch.zeros(1))
+        self.logit = 50.0  # on the scripted next token; every other token gets 0
 
     def new_cache(self, B, T, device):
         return {"rows": None, "Lp": None}
@@ -344,7 +350,7 @@ class Scripted(nn.Module):
         at = start + T - cache["Lp"]  # index of the response token to write next
         for i, row in enumerate(cache["rows"]):
             response = self.script[row]
-            logits[i, -1, response[min(at, len(response) - 1)]] = 50.0
+            logits[i, -1, response[min(at, len(response) - 1)]] = self.logit
         return logits
 
 
@@ -507,8 +513,11 @@ def test_pretraining_lowers_the_loss():
         return float((losses * valid[:, 1:]).sum() / valid[:, 1:].sum())
 
     before = nll()
+    unused = model.pos.weight.detach()[60:].clone()  # no sequence is longer than 55 tokens
     ssrl.pretrain(model, pool, cfg, torch.device("cpu"), tok, random.Random(0))
     assert nll() < 0.5 * before
+    # AdamW with weight decay 0: a position row with zero gradient gets a zero update
+    assert torch.equal(model.pos.weight.detach()[60:], unused)
 
 
 def fixed_rollout(tok, prompts, texts):
@@ -570,6 +579,9 @@ def test_one_grpo_step(monkeypatch, info_mask):
         before = (ssrl.response_logp(ref, rollout, torch.device("cpu")) * mask).sum(1)
         after = (ssrl.response_logp(model, rollout, torch.device("cpu")) * mask).sum(1)
     assert float((adv * (after - before)).sum()) > 0
+    # AdamW with weight decay 0: position rows past the rollout (zero gradient) do not move
+    torch.testing.assert_close(model.pos.weight[rollout.seq.shape[1]:],
+                               ref.pos.weight[rollout.seq.shape[1]:], atol=0, rtol=0)
 
 
 def test_main_smoke_writes_the_issue_keys(tmp_path):
@@ -642,7 +654,10 @@ def test_average_over_seeds_is_recursive_and_keeps_none():
 
 
 def test_user_data_runs_the_whole_pipeline(tmp_path):
-    triples = ssrl.synthetic_triples(30, 5, 3, 4, random.Random(0))
+    # five-word names: a packed sequence of four person bio lines (4 × 26 + 1 tokens) is longer
+    # than the 96 positions the model would have without sizing them to the longest bio × pack
+    triples = [(s + " van der berg" if r in ("city", "employer") else s, r, o)
+               for s, r, o in ssrl.synthetic_triples(30, 5, 3, 4, random.Random(0))]
     data = tmp_path / "world.jsonl"
     rows = [{"subject": s, "relation": r, "object": o} for s, r, o in triples]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -686,6 +701,21 @@ def test_generate_writes_exactly_max_new_tokens_when_it_never_stops():
     assert ssrl.decode_responses(tok, rollout) == [" of" * 7]
 
 
+def test_generate_stops_when_every_row_has_answered():
+    # row 0 answers in 6 tokens, row 1 in 9 (same prompt length): the rollout ends at row 1's
+    # </answer>, row 0 is padding (not valid) after its own
+    kb, tok = small_world()
+    p0, p1 = tok.encode("<s> city of a0 b0 ?"), tok.encode("<s> city of a0 b1 ?")
+    r0 = tok.encode("<think> done</think><answer> c0</answer>")
+    r1 = tok.encode("<think> done</think><think> done</think><answer> c1</answer>")
+    assert (len(r0), len(r1)) == (6, 9)
+    model = Scripted(len(tok.raw), {tuple(p0): r0, tuple(p1): r1}, tok.special["<pad>"])
+    rollout = ssrl.generate(model, [p0, p1], 20, tok, torch.device("cpu"), temperature=0)
+    assert rollout.seq.shape[1] == len(p0) + 9
+    assert rollout.valid[:, len(p0):].sum(1).tolist() == [6, 9]
+    assert ssrl.decode_responses(tok, rollout) == [tok.decode(r0), tok.decode(r1)]
+
+
 def test_grpo_kl_estimate_is_clamped_to_ten():
     # Â = 0, u = ref − logp = 30 → clamped to 20 → e^20 − 21, then the estimate clamped to 10
     zero = torch.zeros(1, 1)
@@ -695,12 +725,191 @@ def test_grpo_kl_estimate_is_clamped_to_ten():
 
 def test_the_control_arm_runs_with_the_mask_off(monkeypatch, tmp_path):
     seen = []
+    rl_people = []
+    evaluated = []
     real_ssrl = ssrl.ssrl
+    real_evaluate = ssrl.evaluate
 
     def recording(model, ref, kb, questions, cfg, tok, device, info_mask, rng):
         seen.append(info_mask)
+        rl_people.append({p for p, _ in questions})
+        assert len(questions) == 4 * len(rl_people[-1])  # every template of every RL person
         return real_ssrl(model, ref, kb, questions, cfg, tok, device, info_mask, rng)
 
+    def recording_evaluate(model, kb, eval_people, all_people, *args):
+        evaluated.append((list(eval_people), list(all_people)))
+        return real_evaluate(model, kb, eval_people, all_people, *args)
+
     monkeypatch.setattr(ssrl, "ssrl", recording)
+    monkeypatch.setattr(ssrl, "evaluate", recording_evaluate)
     ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
     assert seen == [True, False]
+    # smoke split of 36 people: 12 with demonstrations, 8 held out, the other 16 for RL
+    assert rl_people[0] == rl_people[1] and len(rl_people[0]) == 16
+    assert len(evaluated) == 6  # before RL, mask on, mask off; held out and RL people each
+    (held_few, held_all), (rl_few, rl_all) = evaluated[0], evaluated[1]
+    assert len(held_all) == 8 and held_few == held_all[:4]  # smoke n_eval = 4
+    assert set(rl_all) == rl_people[0] and rl_few == rl_all[:4]
+    assert not set(held_all) & rl_people[0]
+
+
+def test_pretraining_loss_is_the_mean_nll_over_real_tokens(monkeypatch):
+    # at GPT-2 init the logits are near 0 (std ~0.02 · sqrt(32) ≈ 0.1), so the mean next-token
+    # loss over real tokens is log V = log 58 ≈ 4.06 (+ var/2 ≈ 0.006); a sum, or a mean that
+    # also counts the padding, would be far off
+    kb, tok = small_world()
+    pool = ssrl.pretraining_pool(kb, tok, ["a0 b0"])
+    torch.manual_seed(0)
+    model = ssrl.GPT(len(tok.raw), 32, 1, 2, 96)
+    seen = []
+    monkeypatch.setattr(ssrl, "check_finite", lambda step, **terms: seen.append(terms))
+    cfg = ssrl.Config(pretrain_steps=1, bio_batch=8, traj_batch=4, pack=2)
+    ssrl.pretrain(model, pool, cfg, torch.device("cpu"), tok, random.Random(0))
+    assert len(tok.raw) == 58
+    assert len(seen) == 1  # one step
+    assert seen[0]["pretrain_loss"] == pytest.approx(math.log(58), abs=0.05)
+
+
+def test_grpo_kl_log_ratio_is_clamped_before_the_exponential():
+    # u = 100: unclamped, e^100 = inf in float32 and the clamped estimate's zero gradient times
+    # inf is NaN; clamped to 20 first, the loss is 10 and the gradient exactly 0
+    logp = torch.zeros(1, 1, requires_grad=True)
+    loss, _ = ssrl.grpo_loss(logp, logp.detach(), torch.full((1, 1), 100.0), torch.ones(1, 1),
+                             torch.zeros(1), kl_coef=1.0)
+    torch.testing.assert_close(loss, torch.tensor(10.0))
+    loss.backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_greedy_generation_without_padding_equals_the_full_forward():
+    # one prompt (no padding): the sampler runs unmasked, one new token per step with the cache;
+    # each greedy token must be the argmax of the full causal forward
+    kb, tok = small_world()
+    torch.manual_seed(1)
+    model = ssrl.GPT(len(tok.raw), 16, 2, 2, 96).eval()
+    prompt = tok.encode("<s> employer country of a0 b1 ?")
+    rollout = ssrl.generate(model, [prompt, prompt], 8, tok, torch.device("cpu"), temperature=0)
+    assert rollout.Lp == len(prompt) and bool(rollout.valid.all())
+    ids = rollout.seq[:1]
+    with torch.no_grad():
+        full = model(ids[:, :-1])[0, len(prompt) - 1:]  # (T, V)
+    assert ids[0, len(prompt):].tolist() == full.argmax(-1).tolist()
+    assert torch.equal(rollout.seq[0], rollout.seq[1])
+    # the same unmasked path by hand: prefill 5 tokens, then one token at a time with no mask;
+    # a new token attends to every cached key, not only the first
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(1, ids.shape[1], "cpu")
+        steps = [model(ids[:, :5], None, None, cache, 0)]
+        for t in range(5, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), None, cache, t))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_run_averages_consecutive_seeds(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_seed(cfg, seed, device):
+        seen.append(seed)
+        out = fake_seed(0.2, 0.2 + 0.1 * (seed - 5), 0.5, 0.5, 0.5)
+        return {"seed": seed, "gate": {"hop_recall": float(seed)},
+                "arms": out["arms"], "sim_to_real": {"after_rl": {"em_self": 0.1 * seed}}}
+
+    monkeypatch.setattr(ssrl, "run_seed", fake_run_seed)
+    monkeypatch.setattr(ssrl, "print_table", lambda results: None)
+    monkeypatch.setattr(ssrl, "plot", lambda results, path: None)
+    results = ssrl.run(ssrl.Config(seed=5, n_seeds=3, device="cpu", out=str(tmp_path)))
+    assert seen == [5, 6, 7] and results["seeds"] == [5, 6, 7]
+    assert results["gate"]["hop_recall"] == pytest.approx(6.0)  # (5 + 6 + 7) / 3
+    assert results["sim_to_real"]["after_rl"]["em_self"] == pytest.approx(0.6)
+    # held-out gains 0.0, 0.1, 0.2: mean 0.1, worst 0.0
+    assert results["headline"]["heldout_pass1_gain"]["mean"] == pytest.approx(0.1)
+    assert results["headline"]["heldout_pass1_gain"]["worst"] == pytest.approx(0.0)
+    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [5, 6, 7]
+
+
+def test_block_residuals_add_attention_and_mlp():
+    # every weight 0: q = k = v = 0, attention output 0, proj(0) = its bias 1, mlp(·) = its last
+    # bias 2; so the block returns x + 1 + 2
+    block_ = ssrl.Block(4, 2)
+    with torch.no_grad():
+        for p in block_.parameters():
+            p.zero_()
+        block_.proj.bias.fill_(1.0)
+        block_.mlp[2].bias.fill_(2.0)
+    x = torch.arange(12.0).view(1, 3, 4)
+    torch.testing.assert_close(block_(x, None, None, 0), x + 3)
+
+
+def test_gpt_adds_token_and_position_embeddings():
+    # d = 2, blocks all zero (identity); LayerNorm of [a, b] is ±[1, −1] by the sign of a − b;
+    # logits = LN(x) · tok rows [1, 0], [0, 1]. Token 1 at position 0: x = [0, 1] → [−1, 1];
+    # at position 1: x = [0, 1] + [2, 0] = [2, 1] → [1, −1]
+    model = ssrl.GPT(2, 2, 1, 1, 2)
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.zero_()
+        model.tok.weight.copy_(torch.eye(2))
+        model.pos.weight.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 1]]))
+    torch.testing.assert_close(out, torch.tensor([[[-1.0, 1.0], [1.0, -1.0]]]), atol=1e-4, rtol=0)
+
+
+def test_grpo_lower_clip_and_clip_fraction():
+    # token 0: ρ = e^−0.5 = 0.6065 < 0.8 with Â = −1: max(0.6065, 0.8) = 0.8, constant: no gradient
+    # token 1: ρ = 1: pg = 1, gradient −Â/2 = 0.5. clip_frac = 1/2; pg_loss = (0.8 + 1) / 2 = 0.9
+    logp = torch.tensor([[-0.5, 0.0]], requires_grad=True)
+    loss, terms = ssrl.grpo_loss(logp, torch.zeros(1, 2), logp.detach(), torch.ones(1, 2),
+                                 torch.tensor([-1.0]), kl_coef=0.0)
+    torch.testing.assert_close(loss, torch.tensor(0.9))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.5]]))
+    assert terms["clip_frac"].item() == pytest.approx(0.5)
+
+
+def test_grpo_kl_is_a_token_mean_of_k3():
+    # u = ref − logp = [0.5, 30]: k3 = e^0.5 − 0.5 − 1 = 0.148721 and (clamped) 10;
+    # a masked third token (u = 1) does not count: kl = (0.148721 + 10) / 2 = 5.074361;
+    # Â = 0, so loss = β · kl = 0.5 · 5.074361
+    logp = torch.tensor([[-0.5, -1.0, 0.0]])
+    ref = torch.tensor([[0.0, 29.0, 1.0]])
+    loss, terms = ssrl.grpo_loss(logp, logp, ref, torch.tensor([[1.0, 1.0, 0.0]]), torch.zeros(1),
+                                 kl_coef=0.5)
+    torch.testing.assert_close(terms["kl"], torch.tensor(5.074361))
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 5.074361))
+
+
+def test_group_normalize_epsilon_and_single_samples():
+    # rewards 0 and 2e-6: mean 1e-6, unbiased std 1.41421e-6; Â = ±1e-6 / (1.41421e-6 + 1e-6)
+    adv = ssrl.group_normalize(torch.tensor([[0.0, 2e-6]], dtype=torch.float64))
+    torch.testing.assert_close(adv, torch.tensor([[-0.414214, 0.414214]], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    # G = 1: mean 0, std 1, as verl: Â = r / (1 + 1e-6)
+    one = ssrl.group_normalize(torch.tensor([[0.5], [2.0]]))
+    torch.testing.assert_close(one, torch.tensor([[0.5], [2.0]]) / (1 + 1e-6))
+    torch.testing.assert_close(ssrl.group_normalize(torch.full((1, 3), 0.7)), torch.zeros(1, 3))
+
+
+def test_greedy_parts_are_greedy_on_a_hesitant_model():
+    # the scripted token gets logit 3, the other 57 tokens 0: it is the argmax, but a sample at
+    # T = 1 picks it only e^3 / (e^3 + 57) = 26% of the time, so a sampled answer is all but never
+    # whole. Greedy EM and the hop-recall gate must read the greedy answers.
+    kb, tok = small_world()
+    torch.manual_seed(0)
+    model = scripted_model(kb, tok, fixed_responses(kb))
+    model.logit = 3.0
+    cfg = ssrl.Config(n_samples=1, max_new=60)
+    out = ssrl.evaluate(model, kb, ["a0 b0"], ["a0 b0", "a0 b1"], cfg, tok, torch.device("cpu"))
+    assert out["greedy_em"] == pytest.approx(5 / 8)
+    assert out["greedy_plan_accuracy"] == pytest.approx(6 / 8)
+    assert out["pass_at_k"]["1"] < 0.5  # the sampled answers of a0 b0 (greedy: 4 of 4 right)
+    script = {}
+    for (s, r) in kb.facts:
+        prompt = "<s>" + ssrl.bio_text(kb, s, r).split("<information>")[0] + "<information>"
+        script[tuple(tok.encode(prompt))] = tok.encode(f" {s} {VERBS[r]} {kb.facts[(s, r)]}"
+                                                       "</information>")
+    gate = Scripted(len(tok.raw), script, tok.special["<pad>"])
+    gate.logit = 3.0
+    overall, _ = ssrl.hop_recall_gate(gate, kb, {"a0 b0", "e0", "e1"}, tok, torch.device("cpu"))
+    assert overall == 1.0
