@@ -3,6 +3,7 @@ previous-word feature and KV-cache decoding with its answer budget, SFT and GRPO
 evaluation of a scripted policy whose answers are known."""
 import json
 import random
+import time
 
 import pytest
 import torch
@@ -416,6 +417,11 @@ def test_smoke_writes_results(tmp_path):
     for key in ("direct_two_hop", "think_sft_two_hop", "base_chain_rate"):
         assert key in saved["gate"]
     assert saved["seeds"] == [0, 1]
+    # --smoke runs the tiny sizes it promises, and records them
+    tiny = {"steps": 3, "seeds": 2, "gate_steps": 3, "base_steps": 4, "warm_traces": 4,
+            "warm_batch": 4, "batch": 8, "n_train": 2, "n_test": 3, "prompts": 4, "group": 4,
+            "log_every": 2}
+    assert {k: saved["config"][k] for k in tiny} == tiny
     assert res["arms"]["sft"]["strict"] == saved["arms"]["sft"]["strict"]
     # the summaries agree with the per-seed numbers they summarise
     arms = saved["arms"]
@@ -460,3 +466,383 @@ def test_data_file(tmp_path, capsys):
         read_r.main(["--data", str(path), "--smoke"])
     assert e.value.code == 2
     assert "type 'XX'" in capsys.readouterr().err
+
+
+# --- more behaviour: the loss's corners, sampling temperature, summaries over seeds ---
+
+
+def test_grpo_loss_token_mean_clip_fraction_and_gradient_direction():
+    ratio = torch.tensor([[1.1, 1.5]])
+    # π_old is not uniform: ρ = exp(logp − old_logp), both shifted by −0.3
+    logp = torch.log(ratio) - 0.3
+    old = torch.full((1, 2), -0.3)
+    # Â = 1, ε = 0.2: 1.1 is inside the clip (ℓ = −1.1), 1.5 outside (max(−1.5, −1.2) = −1.2);
+    # token mean −1.15; one of two tokens clipped → clip fraction 0.5
+    _, terms = read_r.grpo_loss(logp, old, logp, torch.ones(1, 2), torch.tensor([1.0]), 0.2, 0.0)
+    torch.testing.assert_close(terms["pg_loss"], torch.tensor(-1.15))
+    torch.testing.assert_close(terms["clip_frac"], torch.tensor(0.5))
+    # mask [1, 0]: only the first token counts → −1.1, nothing clipped
+    _, terms = read_r.grpo_loss(logp, old, logp, torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]),
+                                0.2, 0.0)
+    torch.testing.assert_close(terms["pg_loss"], torch.tensor(-1.1))
+    torch.testing.assert_close(terms["clip_frac"], torch.tensor(0.0))
+    # an all-zero mask (no action taken) is a loss of 0, not 0 / 0
+    loss, _ = read_r.grpo_loss(logp, old, logp, torch.zeros(1, 2), torch.tensor([1.0]), 0.2, 0.1)
+    assert loss.item() == 0.0
+    # the gradient: at ρ = 1 (π_old = π_θ) dℓ/dlogp = −Â / n_tokens: rows Â = +1, −1, one token each
+    # → −0.5 (raise the rewarded response), +0.5 (lower the other)
+    lp = torch.zeros(2, 1, requires_grad=True)
+    loss, terms = read_r.grpo_loss(lp, lp.detach(), lp.detach(), torch.ones(2, 1),
+                                   torch.tensor([1.0, -1.0]), 0.2, 0.0)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.5], [0.5]]))
+    # the logged terms carry no graph
+    assert loss.requires_grad and not any(v.requires_grad for v in terms.values())
+
+
+def test_grpo_loss_kl_clamps():
+    # u = ref − logp = +30 and −30; clamped to ±20: e^20 − 21 and e^−20 + 19, each clamped to 10
+    logp = torch.zeros(1, 2)
+    ref = torch.tensor([[30.0, -30.0]])
+    _, terms = read_r.grpo_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), 0.2, 1.0)
+    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
+    # unclamped k3: (e^30 − 31 + e^−30 + 29) / 2
+    _, terms = read_r.grpo_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), 0.2, 1.0,
+                                kl_clamp=False)
+    want = (torch.exp(torch.tensor(30.0, dtype=torch.float64)) - 2) / 2
+    torch.testing.assert_close(terms["kl"].double(), want, rtol=1e-5, atol=0)
+    # u = 10 (inside ±20): e^10 − 11 = 22015.5 > 10 → the estimate's clamp alone gives 10
+    _, terms = read_r.grpo_loss(logp[:, :1], logp[:, :1], torch.tensor([[10.0]]), torch.ones(1, 1),
+                                torch.tensor([0.0]), 0.2, 1.0)
+    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
+    # a token the policy gives probability 0 (logp = −inf): u = +inf is clamped to 20 first, so
+    # the estimate stays 10 instead of inf − inf = NaN
+    _, terms = read_r.grpo_loss(torch.tensor([[-float("inf")]]), torch.zeros(1, 1),
+                                torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([0.0]), 0.2, 1.0)
+    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
+
+
+def test_group_normalize_single_sample_groups():
+    # G = 1: mean 0 and std 1 (verl), so r̂ = r / (1 + 1e-6)
+    out = read_r.group_normalize(torch.tensor([[0.5], [2.0]]))
+    torch.testing.assert_close(out, torch.tensor([[0.5], [2.0]]) / (1 + 1e-6))
+
+
+class Fixed(torch.nn.Module):
+    """Logits [−100, 0, ln 9, −100] at every position; no tags (n_specials 0)."""
+    n_specials = 0
+
+    def forward(self, idx, cache=None):
+        row = torch.tensor([-100.0, 0.0, torch.log(torch.tensor(9.0)).item(), -100.0])
+        return row.expand(idx.shape[0], idx.shape[1], 4).clone(), None
+
+
+def test_generate_samples_at_its_temperature():
+    ids = {"<pad>": 0, "<answer>": 3, "</answer>": 3}
+    prompt = torch.ones(4000, 1, dtype=torch.long)
+    # T = 2: p ∝ (1, 9^(1/2)) = (1, 3) → P(token 2) = 0.75 (T = 1 would give 0.9, T = 1/2 0.988)
+    torch.manual_seed(0)
+    tokens, alive, chosen = read_r.generate(Fixed(), prompt, 1, ids, 1, temperature=2.0)
+    share = (tokens[:, 0] == 2).float().mean().item()
+    assert abs(share - 0.75) < 0.03
+    assert set(tokens[:, 0].tolist()) == {1, 2}
+    # T = 1 → 0.9; greedy → always 2
+    tokens, _, _ = read_r.generate(Fixed(), prompt, 1, ids, 1, temperature=1.0)
+    assert abs((tokens[:, 0] == 2).float().mean().item() - 0.9) < 0.03
+    tokens, _, _ = read_r.generate(Fixed(), prompt[:3], 1, ids, 1, greedy=True)
+    assert tokens[:, 0].tolist() == [2, 2, 2]
+
+
+def test_gpt_embeddings_start_small():
+    # both embeddings are drawn from N(0, 0.02²) (3136 values each: the sample std within 10 %)
+    torch.manual_seed(0)
+    model = read_r.GPT(49, 12, 64, 1, 4)
+    for weight in (model.tok.weight, model.prev.weight):
+        assert abs(weight.std().item() - 0.02) < 0.002
+        assert abs(weight.mean().item()) < 0.002
+
+
+class ScriptedAll(Scripted):
+    """Scripted at every position (response_logp needs them all), plus one parameter, so an
+    optimiser can be built; positions where the policy has no answer (the prompt) are uniform."""
+
+    def __init__(self, tok, policy):
+        super().__init__(tok, policy)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx, cache=None):
+        seq = idx if cache is None else torch.cat([cache, idx], 1)
+        n_new = idx.shape[1]
+        logits = torch.zeros(idx.shape[0], n_new, len(self.tok.vocab))
+        for i, row in enumerate(seq.tolist()):
+            words = [self.tok.vocab[j] for j in row]
+            for k in range(n_new):
+                upto = len(words) - n_new + k + 1
+                try:
+                    nxt = self.policy(words[:upto])
+                except (ValueError, StopIteration, IndexError):
+                    continue
+                logits[i, k] = -30.0
+                logits[i, k, self.tok.id[nxt]] = 30.0
+        return logits + self.bias, seq
+
+
+def test_grpo_train_curve_of_a_policy_that_always_solves():
+    # every sample writes "m C", then the right theme: reward 0.9 · 1 + 0.1 · 1 = 1 for each of the
+    # 2 × 4 samples; every sample is a two-hop chain, whole
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(steps=2, prompts=2, group=4, log_every=1)
+    rows = [r for r in read_r.make_rows(random.Random(3), 2) if r["type"] == "two_hop"]
+    model = ScriptedAll(tok, solve)
+    curve = read_r.grpo_train(model, ScriptedAll(tok, solve), tok, rows, "reason", cfg,
+                              torch.device("cpu"), "t", 0)
+    assert curve["reward"] == [1.0, 1.0]
+    assert curve["chain_hits"] == [8, 8] and curve["full_chain_hits"] == [8, 8]
+    assert curve["chain_n"] == [8, 8]
+
+
+def by_length(words):
+    """solve, except the answer: right iff the think block holds exactly 2 words, else "m0"."""
+    if words[-1] != "<answer>":
+        return solve(words)
+    frames = words[1:11]
+    pairs = list(zip(frames[0::2], frames[1::2]))
+    product, mark = next((i, m) for m, i in pairs if i in read_r.PRODUCTS)
+    cue = next(i for m, i in pairs if m == mark and i in read_r.CUES)
+    think = words[words.index("<think>") + 1:words.index("</think>")]
+    if len(think) != 2:
+        return "m0"
+    return read_r.THEME[read_r.PRODUCTS.index(product)][read_r.CUES.index(cue)]
+
+
+def test_scramble_keeps_the_think_blocks_length():
+    # the scramble replaces "m C" by 2 frame words: a policy that is right whenever its think block
+    # holds 2 words stays right → scramble accuracy 1, drop 0 (an emptied block would give 0)
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(n_train=1, n_test=4, answer_words=1)
+    rng = random.Random(1)
+    train = read_r.make_rows(rng, 1)
+    test = read_r.make_rows(rng, 4)
+    res = read_r.evaluate(Scripted(tok, by_length), tok, train, test, "reason", cfg,
+                          torch.device("cpu"), 0)
+    assert res["per_task"]["two_hop"]["strict"] == 1.0
+    assert res["scramble_two_hop"] == 1.0 and res["scramble_drop"] == 0.0
+    # answer_after_think by hand: a 2-word block → right; 1 or 3 words → "m0" → 0
+    two_hop = [r for r in test if r["type"] == "two_hop"][:3]
+    thinks = [["m1", "joke"], ["joke"], ["m1", "m2", "joke"]]
+    texts = read_r.answer_after_think(Scripted(tok, by_length), tok, two_hop, thinks, cfg,
+                                      torch.device("cpu"))
+    assert [read_r.judge(t, r["answer"], SLOT) for t, r in zip(texts, two_hop)] == [1.0, 0.0, 0.0]
+    assert texts[1] == "<think> joke</think><answer> m0</answer>"
+
+
+def fake_seed(cfg, seed, tok, device):
+    """A run_seed stand-in with hand-set numbers: seed 5 → column 0, seed 6 → column 1."""
+    k = seed - 5
+    two = {"base": 0.0, "base_direct": 0.1, "sft": 0.2, "sft_trace": 0.5,
+           "rl_think": [0.8, 0.2][k], "rl_nothink": [0.2, 0.4][k]}
+    arms = {name: {"strict": v, "relaxed": v, "train_strict": v,
+                   "per_task": {t: {"strict": v, "relaxed": v} for t in read_r.TYPES}}
+            for name, v in two.items()}
+    arms["rl_think"].update(chain_rate=[0.95, 0.3][k], chain_rate_before=[0.9, 0.5][k],
+                            chain_rate_after=[0.95, 0.3][k], full_chain_rate=0.0,
+                            acc_given_chain={"chain": 0.5, "no_chain": None},
+                            acc_given_chain_before={"chain": 0.1, "no_chain": None},
+                            scramble_drop=[0.6, 0.0][k])
+    gate = {"direct_two_hop": [0.25, 0.5][k], "think_sft_two_hop": 1.0, "base_chain_rate": 0.9,
+            "base_two_hop": 0.0, "base_steps": [400, 600][k]}
+    curve = {"reward": [0.1, 0.2], "chain_hits": [1, 2], "full_chain_hits": [0, 0],
+             "chain_n": [4, 4]}
+    return {"gate": gate, "arms": arms, "curves": {"rl_think": curve, "rl_nothink": curve},
+            "n_params": 10, "n_train": 4, "n_test": 8}
+
+
+def test_run_summarises_seeds_by_hand(tmp_path, monkeypatch):
+    monkeypatch.setattr(read_r, "run_seed", fake_seed)
+    t0 = time.process_time()
+    res = read_r.run(read_r.Config(seed=5, seeds=2, out=str(tmp_path), device="cpu"))
+    # the CPU time is that of the run alone
+    assert 0 <= res["cpu_time_s"] <= time.process_time() - t0
+    assert res["seeds"] == [5, 6]
+    head = res["headline"]
+
+    def close(got, mean, std, worst):
+        torch.testing.assert_close([got["mean"], got["std"], got["worst"]], [mean, std, worst])
+    # rl_think − rl_nothink: 0.8 − 0.2 = 0.6, 0.2 − 0.4 = −0.2 → mean 0.2, std 0.4, worst −0.2
+    close(head["rl_think_minus_rl_nothink_two_hop"], 0.2, 0.4, -0.2)
+    # best direct: max(0.2, 0.25) = 0.25, max(0.4, 0.5) = 0.5 → 0.55, −0.3: mean 0.125, std 0.425
+    close(head["rl_think_minus_best_direct_two_hop"], 0.125, 0.425, -0.3)
+    close(head["rl_think_two_hop"], 0.5, 0.3, 0.2)
+    close(head["rl_nothink_two_hop"], 0.3, 0.1, 0.2)
+    # chain rate after − before: 0.05, −0.2 → mean −0.075, std 0.125
+    close(head["chain_rate_after_minus_before"], -0.075, 0.125, -0.2)
+    close(head["scramble_drop"], 0.3, 0.3, 0.0)
+    gate = res["gate"]
+    torch.testing.assert_close([gate["direct_two_hop"], gate["base_steps"]], [0.375, 500.0])
+    assert gate["per_seed"]["base_steps"] == [400, 600]
+    torch.testing.assert_close(res["arms"]["rl_think"]["strict"], 0.5)
+    assert res["arms"]["rl_think"]["acc_given_chain"] == {"chain": 0.5, "no_chain": None}
+    assert res["two_hop_per_seed"]["rl_nothink"] == [0.2, 0.4]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["headline"] == json.loads(json.dumps(head))
+
+
+def test_run_seed_wiring(monkeypatch):
+    # run_seed with stand-ins for training and evaluation that record what they were asked to do
+    cfg = read_r.Config(steps=7, gate_steps=5, base_steps=11, warm_traces=5, warm_batch=2,
+                        batch=6, n_train=1, n_test=1, d_model=16, n_heads=2)
+    calls, grpo_calls, ready_answers, checked_types = [], [], [], set()
+    accuracy = [cfg.base_target]
+
+    def fake_sft(model, tok, sample, steps, lr, device, name, log_every, opt=None, ready=None):
+        rows, modes = sample(1)
+        calls.append((name, steps, lr, sorted(set(modes)), sum(r["type"] == "two_hop" for r in rows)))
+        if ready is not None:
+            ready_answers.append(ready(model))
+            accuracy[0] = cfg.base_target - 0.01
+            ready_answers.append(ready(model))
+        return "opt", 9
+
+    def fake_grpo(model, ref, tok, rows, mode, cfg, device, name, seed):
+        grpo_calls.append((name, mode, ref is base_seen[0], model is ref))
+        return {"reward": [0.5]}
+
+    def fake_one_hop(model, tok, rows, cfg, device):
+        checked_types.update(r["type"] for r in rows)
+        return accuracy[0]
+
+    evals = []
+    base_seen = []
+
+    def fake_eval(model, tok, train, test, mode, cfg, device, seed):
+        evals.append(mode)
+        if len(evals) == 3:
+            base_seen.append(model)
+        v = len(evals) / 10
+        return {"per_task": {t: {"strict": v} for t in read_r.TYPES}, "chain_rate": v,
+                "acc_given_chain": {"chain": v}}
+    monkeypatch.setattr(read_r, "sft_train", fake_sft)
+    monkeypatch.setattr(read_r, "grpo_train", fake_grpo)
+    monkeypatch.setattr(read_r, "one_hop_accuracy", fake_one_hop)
+    monkeypatch.setattr(read_r, "evaluate", fake_eval)
+    res = read_r.run_seed(cfg, 0, read_r.Tokenizer(), torch.device("cpu"))
+    lr, lr_sft = cfg.lr_base, cfg.lr_sft
+    # gates on fresh ads of every type (direct / think traces), the base on one-hop questions, the
+    # warm-start ceil(5 / 2) = 3 steps adding 2 + 2 two-hop questions, then the SFT arms
+    assert [c[:4] for c in calls] == [
+        ("gate_direct", 5, lr, ["direct"]), ("gate_think_sft", 5, lr, ["reason"]),
+        ("base", 11, lr, ["direct", "reason"]), ("warm-start", 3, lr, ["direct", "reason"]),
+        ("sft", 7, lr_sft, ["direct"]), ("sft_trace", 7, lr_sft, ["reason"])]
+    assert calls[2][4] == 0 and calls[3][4] == 4
+    # the base is ready at exactly the target one-hop accuracy, not below; checks are one-hop
+    assert ready_answers == [True, False]
+    assert checked_types == {"product_mark", "mark_cue", "cue_theme"}
+    # GRPO from a copy of the base, with the base as π_ref; think / answer at once
+    assert grpo_calls == [("rl_think", "reason", True, False), ("rl_nothink", "direct", True, False)]
+    # evaluations: gates (direct, reason), base (reason, direct), the 4 arms
+    assert evals == ["direct", "reason", "reason", "direct", "direct", "reason", "reason", "direct"]
+    gate = res["gate"]
+    assert gate["base_steps"] == 9
+    torch.testing.assert_close([gate["direct_two_hop"], gate["think_sft_two_hop"],
+                                gate["base_chain_rate"], gate["base_two_hop"]], [0.1, 0.2, 0.3, 0.3])
+    rl = res["arms"]["rl_think"]
+    torch.testing.assert_close([rl["chain_rate_before"], rl["chain_rate_after"]], [0.3, 0.7])
+    assert rl["acc_given_chain_before"] == {"chain": 0.3}
+    assert set(res["curves"]) == {"rl_think", "rl_nothink"}
+    assert (res["n_train"], res["n_test"]) == (4, 4)
+
+
+def test_generate_counts_the_first_word_id_as_an_answer_word():
+    # "m0" is the first word id (= n_specials): it fills the answer budget like any other word
+    tok = read_r.Tokenizer()
+    assert tok.id["m0"] == tok.n_specials
+    row = read_r.question(read_r.make_ad(random.Random(0)), "two_hop", 0)
+    prompt = torch.tensor([tok.encode(read_r.prompt_words(row, "direct"))])
+    tokens, alive, chosen = read_r.generate(Scripted(tok, lambda words: "m0"), prompt, 4, tok.id, 1)
+    assert [tok.vocab[i] for i in tokens[0].tolist()] == ["m0", "</answer>", "<pad>", "<pad>"]
+    assert chosen[0].tolist() == [True, False, False, False]
+
+
+def test_gpt_cache_carries_the_last_word():
+    # n_specials 8: ids 0–7 are tags, 8 (the first word id) and up are words
+    torch.manual_seed(0)
+    model = read_r.GPT(12, 8, 16, 1, 2)
+    # [8, 2]: the last token is a tag, so the last word is 8; [2, 9] → 9; [3, 2] (tags only) → 0
+    _, cache = model(torch.tensor([[8, 2], [2, 9], [3, 2]]))
+    assert cache.last_word.tolist() == [8, 9, 0]
+    # through the cache: a tag after [8, 2] keeps 8; a word replaces it
+    _, step = model(torch.tensor([[5], [10], [11]]), cache)
+    assert step.last_word.tolist() == [8, 10, 11]
+
+
+def test_data_file_of_one_and_two_rows(tmp_path):
+    rows = read_r.make_rows(random.Random(0), 1)
+    path = tmp_path / "ads.jsonl"
+    cfg = read_r.Config(data=str(path))
+    # 2 rows: int(0.8 · 2) = 1 training row, 1 test row
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[1:2])
+    # 1 row: it is both the training and the test set (there is nothing else to test on)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[:1])
+
+
+class Coin(ScriptedAll):
+    """solve, except the answer: the right theme with logit w (a parameter, 0 at first: a fair
+    coin) or "m0" with logit 0."""
+
+    def __init__(self, tok):
+        super().__init__(tok, solve)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx, cache=None):
+        logits, seq = super().forward(idx, cache)
+        logits = logits.detach()
+        pick = torch.zeros_like(logits)
+        n_new = idx.shape[1]
+        for i, row in enumerate(seq.tolist()):
+            for k in range(n_new):
+                words = [self.tok.vocab[j] for j in row[:len(row) - n_new + k + 1]]
+                if words[-1] == "<answer>":
+                    right = solve(words)
+                    logits[i, k] = -30.0
+                    logits[i, k, self.tok.id[right]] = 0.0
+                    logits[i, k, self.tok.id["m0"]] = 0.0
+                    pick[i, k, self.tok.id[right]] = 1.0
+        return logits + self.w * pick, seq
+
+
+def test_one_grpo_step_raises_the_rewarded_answer():
+    # right answers score 1, "m0" 0.1 (format only): within a mixed group the right samples get
+    # Â > 0, so one step raises w, the logit of the right theme (a uniform group teaches nothing)
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(steps=1, prompts=2, group=4, lr_rl=0.1, log_every=1)
+    rows = [r for r in read_r.make_rows(random.Random(3), 2) if r["type"] == "two_hop"]
+    torch.manual_seed(1)
+    model = Coin(tok)
+    curve = read_r.grpo_train(model, Coin(tok), tok, rows, "reason", cfg, torch.device("cpu"), "t", 0)
+    assert 0.1 < curve["reward"][0] < 1.0  # some right, some wrong
+    # Adam's first step moves w by about lr = 0.1 in the direction of the gradient's sign
+    assert 0.05 < model.w.item() < 0.15
+
+
+def test_evaluate_samples_the_chain_rate_at_temperature_one():
+    # Coin at w = ln 4: greedy always takes the right theme → two-hop strict 1; sampled at T = 1
+    # P(right) = 4 / (4 + 1) = 0.8 (32 samples: sd 0.07), every sample after the whole chain
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(n_train=1, n_test=32, answer_words=1)
+    rng = random.Random(2)
+    train = read_r.make_rows(rng, 1)
+    test = read_r.make_rows(rng, 32)
+    model = Coin(tok)
+    with torch.no_grad():
+        model.w.fill_(torch.log(torch.tensor(4.0)).item())
+    res = read_r.evaluate(model, tok, train, test, "reason", cfg, torch.device("cpu"), 0)
+    assert res["per_task"]["two_hop"]["strict"] == 1.0
+    assert res["chain_rate"] == 1.0 and res["full_chain_rate"] == 1.0
+    assert 0.55 < res["acc_given_chain"]["chain"] < 1.0
+    assert res["acc_given_chain"]["no_chain"] is None
+    # the readiness check is greedy: right after thinking, "m0" answering at once → exactly 1/2
+    two_hop = [r for r in test if r["type"] == "two_hop"]
+    torch.manual_seed(0)
+    assert read_r.one_hop_accuracy(model, tok, two_hop, cfg, torch.device("cpu")) == 0.5
