@@ -913,3 +913,20 @@ def test_greedy_parts_are_greedy_on_a_hesitant_model():
     gate.logit = 3.0
     overall, _ = ssrl.hop_recall_gate(gate, kb, {"a0 b0", "e0", "e1"}, tok, torch.device("cpu"))
     assert overall == 1.0
+
+
+@pytest.mark.parametrize("hop, copy_, passed", [(0.95, 0.85, True), (0.94, 0.85, False),
+                                                (0.95, 0.84, False)])
+def test_gates_pass_at_their_thresholds(monkeypatch, hop, copy_, passed):
+    # the gates: held-out hop recall >= 0.95 and copy >= 0.85, both needed (training is faked)
+    monkeypatch.setattr(ssrl, "pretrain", lambda *args: None)
+    monkeypatch.setattr(ssrl, "ssrl", lambda *args: [])
+    monkeypatch.setattr(ssrl, "hop_recall_gate", lambda *args: (hop, {"city": hop}))
+    monkeypatch.setattr(ssrl, "evaluate", lambda *args: {
+        "pass_at_k": {"1": 0.0}, "plan_accuracy": 0.0, "greedy_em": 0.0, "copy": copy_})
+    monkeypatch.setattr(ssrl, "sim_to_real", lambda *args: {"em_self": 0.0, "em_real": 0.0})
+    cfg = ssrl.Config(n_people=36, n_traj=12, n_heldout=8, n_cities=6, n_employers=4, d_model=16,
+                      n_layer=1, n_head=2)
+    out = ssrl.run_seed(cfg, 0, torch.device("cpu"))
+    assert out["gate"]["hop_recall"] == hop and out["gate"]["copy"] == copy_
+    assert out["gate"]["passed"] is passed
