@@ -36,6 +36,8 @@ is object 1, K cannot say how each bar lies). The test set therefore holds 96 sc
 and 96 needs-both scenes (E and K ceilings < 1, E+K ceiling 1), drawn apart, 2 samples each; E+K
 is never trained on. Each object is a bar with probability 0.5 (p_bar).
 
+Re-run at the end on an otherwise idle core (one thread, default part only): 265 s wall,
+the same numbers.
 Result of `python contextar.py --ablate` (seeds 0, 1, 2; 2-core CPU shared with ~7 other jobs,
 load ~7, 1 thread; the default part took 272 s CPU (user + sys), over the 240 s budget, the whole
 run 519 s CPU / 1671 s wall; every sample at T = 1, no guidance; fid = fidelity, ceil = its

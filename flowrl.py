@@ -39,6 +39,7 @@ Run:
     python flowrl.py --kl-unclamped      # GRPO with the plain k3 (a labelled variant, not verl's)
     python flowrl.py --smoke             # the same code path at a tiny size, in seconds
 
+Re-run at the end (one thread, other jobs running): 172 s CPU (user + sys), the same numbers.
 Result of the default run (measured on a 2-core CPU shared with 7 other sessions, one thread: 192 s
 CPU time in total, 635 s wall under that load, so about 3–4 min wall on a quiet machine (not
 measured quiet); 25 trainings of ≈ 7 s CPU each; 3 seeds, 400 steps × 8 prompts × G 16 per arm;

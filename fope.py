@@ -42,6 +42,7 @@ Run: `python fope.py` (7 arms; 3 seeds for rope, fope, cf_only, 1 for fs_only, a
 fope_small); `--seeds 5 --other-seeds 3`; `--arms rope,fope --steps 600`; `--data my.jsonl`
 trains on your text (column "text", byte tokens; perplexity only); `--smoke`: seconds.
 
+Re-run at the end (one thread, other jobs running): 197 s CPU (user + sys), the same numbers.
 Measured (`python fope.py`, 2-core CPU shared with other jobs, 1 thread: 229 s CPU (user + sys),
 779 s wall under load; seeds 0–2 for rope/fope/cf_only, seed 0 for the others; mean over seeds):
     arm        n | total ppl @64 128 256 512 | recall ppl              | passkey

@@ -40,6 +40,7 @@ Run:
     python msi_agent.py --smoke      # the same code path at a tiny size, in seconds (tests use it)
     python msi_agent.py --data tasks.jsonl   # your own in-domain test tasks
 
+Re-run at the end (one thread, other jobs running): 64 s CPU (user + sys), the same numbers.
 Result of the default run (2-core CPU, one thread: 68 s CPU (user + sys), of it 21 s training the
 planner; 231 s wall on a machine shared by 8 jobs (no quiet machine to measure on); 3
 exploration seeds x 16,000 episodes (explore_p 0.5: exploration SR 0.24), 1,000 test tasks per

@@ -39,6 +39,7 @@ block), rl_nothink (GRPO answering at once: an empty think block prefilled). Eve
 answer budget: one word, then the environment closes the answer block (that token is no action).
 Run:  python read_r.py  (3 seeds, 0-2);  --seeds 1;  --steps 300;  --smoke
 
+Re-run at the end on an otherwise idle core (one thread): 173 s wall, the same numbers.
 Measured (default run, 3 seeds, 1 thread on a 2-core CPU shared with 7 other jobs: 195 s CPU
 (user + sys), 11 min wall; not timed on a quiet machine, where the CPU time suggests ~3.5 min).
 Test: 250 ads, one question of each type; greedy; mean of 3 seeds.

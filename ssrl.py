@@ -37,6 +37,7 @@ Key equations (symbols as in the code):
 Run: `python ssrl.py` (per seed: pretrain, gates, pass@k before RL, SSRL with the mask on and off,
 pass@k after, sim-to-real, stale world); `--n-seeds 1`; `--steps 60`; `--smoke`.
 
+Re-run at the end on an otherwise idle core (one thread): 221 s wall, the same numbers.
 Default run (`python ssrl.py`: seeds 0 and 1; 90 people, 30 each for demonstrations, RL and held
 out; a 0.12M-parameter decoder; 236 s CPU at one thread, 802 s wall on a 2-core machine shared with
 other jobs, so no quiet wall time was measured). Mean ± std over the 2 seeds (3 did not fit the
