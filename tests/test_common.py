@@ -1,12 +1,15 @@
 """The contract every script keeps: importable without side effects, a generated --help, a --smoke run
-that writes results.json and a figure and repeats itself exactly with the same seed, bad input answered
-with one line and exit status 2, the house layout (paper first, boilerplate last, one statement per
-line, lines <= 100 characters), and the shared boilerplate (and GRPO) as the same text everywhere."""
+that writes its record (results.json, results.md rendered from it, a figure) and gives the same numbers
+on one worker or two, bad input answered with one line and exit status 2, the house layout (the paper's
+method first, the study next, the boilerplate last), the committed record rendered from its JSON, the
+boilerplate helpers as the canonical text of tests/boilerplate.py, and GRPO tested once for all."""
 import ast
 import importlib
 import inspect
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tokenize
@@ -25,12 +28,6 @@ ENCODING_SCRIPTS = [s for s in ["ssrl", "read_r", "hallucination_lens", "msi_age
 def source(name):
     with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
         return f.read()
-
-
-def boilerplate(name):
-    """From the boilerplate banner to the end of the file (the `__main__` guard is its last line)."""
-    src = source(name)
-    return src[src.index("# --- boilerplate"):]
 
 
 def drop_timing(obj):
@@ -69,18 +66,36 @@ def test_help_exits_zero(name, capsys):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_smoke_writes_results_and_repeats_exactly(name, tmp_path):
+def test_smoke_record_is_the_same_for_one_or_two_workers(name, tmp_path):
+    """--smoke with one worker and with two: the same results.json (timings aside), and results.md is
+    render_report of that results.json."""
     module = importlib.import_module(name)
     results = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        module.main(["--smoke", "--seed", "3", "--device", "cpu", "--out", str(out)])
+    for workers in ("1", "2"):
+        out = tmp_path / workers
+        module.main(["--smoke", "--seed", "3", "--device", "cpu", "--workers", workers, "--out", str(out)])
         with open(out / "results.json") as f:
             results.append(json.load(f))
+        assert (out / "results.md").read_text() == module.render_report(results[-1])
+        assert (out / f"{name}.png").exists(), "no headline figure written"
     assert "arms" in results[0] and results[0]["arms"]
-    assert any(f.endswith(".png") for f in os.listdir(tmp_path / "a")), "no headline figure written"
-    results[0]["config"].pop("out"), results[1]["config"].pop("out")
+    for r in results:
+        r["config"].pop("out")
+        r["config"].pop("workers")
     assert drop_timing(results[0]) == drop_timing(results[1])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_committed_record_is_rendered_from_its_json(name):
+    """results/<script>/results.md is exactly render_report(results.json): no number typed by hand."""
+    module = importlib.import_module(name)
+    folder = os.path.join(ROOT, "results", name)
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    with open(os.path.join(folder, "results.md"), encoding="utf-8") as f:
+        assert f.read() == module.render_report(results)
+    assert os.path.exists(os.path.join(folder, f"{name}.png"))
+    assert not results["config"]["smoke"], "the record is the default run, not a smoke run"
 
 
 BAD_INPUTS = [["--steps", "-1"], ["--device", "tpu9"], ["--data", "/no/such/file"], ["--no-such-flag"]]
@@ -110,24 +125,76 @@ def test_malformed_data_file_names_file_and_line(name, tmp_path, capsys):
     assert str(bad) in err and "line 1" in err and len(err.strip().splitlines()) == 1
 
 
+BANNER = ("# --- boilerplate: CLI, seeds, device, workers, logs, files "
+          "(the same helpers in every script) ---")
+CANONICAL = os.path.join(ROOT, "tests", "boilerplate.py")
+HISTORY = re.compile(r"\bv[123]\b|\bversion [0-9]|this version|\bsessions?\b|the issue|issue's"
+                     r"|issue [0-9]|#[0-9]{2}\b", re.I)
+
+
+def top_level_sources(src):
+    """{name: source text} of the top-level functions and classes in src."""
+    tree = ast.parse(src)
+    return {node.name: ast.get_source_segment(src, node) for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_boilerplate_is_the_same_text_everywhere(name):
-    assert boilerplate(name) == boilerplate(SCRIPTS[0])
+def test_boilerplate_keeps_only_used_canonical_helpers(name):
+    """Below the banner: only helpers of tests/boilerplate.py, each its exact text, each one called by
+    the script, at most 100 lines of code, and the `__main__` guard last."""
+    src = source(name)
+    assert src.count(BANNER) == 1, f"{name}.py: the boilerplate banner must be exactly {BANNER!r}"
+    section = src[src.index(BANNER):]
+    with open(CANONICAL, encoding="utf-8") as f:
+        canonical = top_level_sources(f.read())
+    helpers = top_level_sources(section)
+    assert set(helpers) <= set(canonical) | {"main"}, set(helpers) - set(canonical)
+    for helper, text in helpers.items():
+        if helper != "main":
+            assert text == canonical[helper], f"{name}.py: {helper} differs from tests/boilerplate.py"
+        rest = src.replace(text, "")
+        assert re.search(rf"\b{helper}\b", rest), f"{name}.py: {helper} is kept but never used"
+    code_lines = [line for line in section.splitlines() if line.strip()]
+    assert len(code_lines) <= 100, f"{name}.py: {len(code_lines)} lines of boilerplate"
+    assert section.splitlines()[-2:] == ['if __name__ == "__main__":', "    main()"]
+
+
+def nesting_depth(node, depth=0):
+    """How deep compound statements (if, for, while, with, try) nest inside a function."""
+    compound = (ast.If, ast.For, ast.While, ast.With, ast.Try)
+    deepest = depth
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        step = 1 if isinstance(child, compound) else 0
+        deepest = max(deepest, nesting_depth(child, depth + step))
+    return deepest
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_house_layout(name):
-    """Paper first, boilerplate last; lines <= 100 characters; one statement per line."""
+    """Docstring (<= 60 lines, no history), imports, Config, the paper's method within the first 200
+    lines, the study, the boilerplate last; lines <= 100 characters; one statement per line; functions
+    <= 60 lines, nesting <= 4."""
     src = source(name)
     lines = src.splitlines()
     long_lines = [i for i, line in enumerate(lines, 1) if len(line) > 100 and "http" not in line]
     assert not long_lines, f"{name}.py: lines over 100 characters: {long_lines[:10]}"
-    banners = [line for line in lines if line.startswith("# ---")]
-    assert "boilerplate" in banners[-1], f"{name}.py: the boilerplate banner must be the last one"
-    assert lines[-2:] == ['if __name__ == "__main__":', "    main()"]
-    order = [src.index(marker) for marker in ('"""', "\nimport ", "class Config", "# --- boilerplate")]
-    assert order == sorted(order), f"{name}.py: docstring, imports, Config, ..., boilerplate"
+    banners = [(i, line) for i, line in enumerate(lines, 1) if line.startswith("# ---")]
+    method = [i for i, line in banners if "the paper's method" in line]
+    study = [i for i, line in banners if line.startswith("# --- the study")]
+    assert method and method[0] <= 200, f"{name}.py: the method starts at line {method[:1]}"
+    assert study and method[0] < study[0] < banners[-1][0], f"{name}.py: method, study, boilerplate"
+    assert banners[-1][1] == BANNER, f"{name}.py: the boilerplate banner must be the last one"
+    order = [src.index(marker) for marker in ('"""', "\nimport ", "class Config", "# --- the paper")]
+    assert order == sorted(order), f"{name}.py: docstring, imports, Config, the paper's method"
     tree = ast.parse(src)
+    assert tree.body[0].end_lineno <= 60, f"{name}.py: docstring of {tree.body[0].end_lineno} lines"
+    history = [(tok.start[0], HISTORY.search(tok.string).group(0))
+               for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+               if tok.type in (tokenize.COMMENT, tokenize.STRING) and HISTORY.search(tok.string)]
+    assert not history, f"{name}.py: history in the teaching text: {history[:5]}"
     packed = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
@@ -141,11 +208,27 @@ def test_house_layout(name):
         if isinstance(node, ast.stmt) and isinstance(body, list) and body:
             if body[0].lineno == node.lineno:
                 packed.append((node.lineno, "body on the header's line"))
+        if isinstance(node, ast.FunctionDef):
+            if node.end_lineno - node.lineno + 1 > 60:
+                packed.append((node.lineno, f"{node.name}: over 60 lines"))
+            if nesting_depth(node) > 4:
+                packed.append((node.lineno, f"{node.name}: nested deeper than 4"))
     with open(os.path.join(ROOT, f"{name}.py"), "rb") as f:
         for tok in tokenize.tokenize(f.readline):
             if tok.type == tokenize.OP and tok.string == ";":
                 packed.append((tok.start[0], "';'"))
-    assert not packed, f"{name}.py: more than one statement on a line: {packed[:10]}"
+    assert not packed, f"{name}.py: {packed[:10]}"
+
+
+def test_top_level_holds_only_the_product():
+    """README.md, requirements.txt, Makefile, tests/, results/ and the scripts (plus dot-files)."""
+    proc = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    top = {path.split("/")[0] for path in proc.stdout.split()}
+    allowed = {"README.md", "requirements.txt", "Makefile", "tests", "results"}
+    allowed |= {f"{s}.py" for s in ALL_SCRIPTS}
+    assert {t for t in top if not t.startswith(".")} <= allowed
 
 
 @pytest.mark.parametrize("name", GRPO_SCRIPTS)
