@@ -1,8 +1,11 @@
-"""Tests for flowrl.py: hand-computed losses, FlowRL's on-policy equivalence with kl_pg, GAE against a
-plain loop, one training update checked against the pure losses, the exact evaluator on policies
-whose answers are fixed by hand, and a short training run whose direction is known."""
+"""Tests for flowrl.py: hand-computed losses, FlowRL's exact on-policy equivalence with kl_pg (and
+where log Z's trunk coupling breaks it), GAE against a plain loop, one training update checked
+against the pure losses and their gradients, the exact evaluator on policies whose answers are fixed
+by hand, short trainings whose direction is known, and the record rendered from hand-built numbers.
+GRPO's loss and group_normalize are tested once, in test_common."""
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -83,102 +86,12 @@ def test_flowrl_loss_rejects_column_vectors():
         flowrl.kl_pg_loss(logp, logp, logp, logp, torch.zeros(3), torch.zeros(3, 1))
 
 
-def test_group_normalize():
-    # mean 0.5; unbiased std = sqrt((4 · 0.25) / 3) = 0.57735; r̂ = ±0.5 / 0.57735 = ±0.866025
-    out = flowrl.group_normalize(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
-    assert_close(out, torch.tensor([[0.866025, -0.866025, -0.866025, 0.866025]]), atol=1e-5, rtol=0)
-    # [3, 1]: mean 2, unbiased std sqrt(2) → ±1 / 1.41421 = ±0.707107 (a biased std would give ±1)
-    out = flowrl.group_normalize(torch.tensor([[3.0, 1.0]]))
-    assert_close(out, torch.tensor([[0.707107, -0.707107]]), atol=1e-5, rtol=0)
-    # an all-equal group: std 0 → r̂ = 0 / (0 + 1e-6) = 0, no NaN
-    same = flowrl.group_normalize(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
-    assert_close(same, torch.zeros(2, 4))
-    # the 1e-6 is added to the std: [1, 0] → ±0.5 / (√0.5 + 1e-6), checked in float64
-    out = flowrl.group_normalize(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
-    expected = 0.5 / (math.sqrt(0.5) + 1e-6)
-    assert_close(out, torch.tensor([[expected, -expected]], dtype=torch.float64), rtol=1e-12,
-                 atol=0)
-    # G = 1: mean 0, std 1 as verl → r / (1 + 1e-6)
-    assert_close(flowrl.group_normalize(torch.tensor([[2.0]])), torch.tensor([[2.0 / (1 + 1e-6)]]))
-    with pytest.raises(ValueError):
-        flowrl.group_normalize(torch.zeros(4))
-
-
-def test_grpo_ratio_one_zero_loss_nonzero_grad():
-    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
-    old = logp.detach().clone()
-    adv = torch.tensor([1.0, -1.0])  # centred
-    mask = torch.ones(2, 2)
-    loss, stats = flowrl.grpo_loss(logp, old, old, mask, adv, clip_eps=0.2, kl_coef=0.04)
-    # ρ = 1 everywhere: ℓ_t = −Â → token mean (−1 − 1 + 1 + 1) / 4 = 0; KL k3 at ref = logp is 0
-    assert_close(loss, torch.tensor(0.0))
-    loss.backward()
-    # ∂ℓ_t/∂logp_t = −Â ρ / 4 = ∓0.25 (the k3 gradient −e^0 + 1 vanishes)
-    assert_close(logp.grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
-
-
-def test_grpo_clipping_both_sides():
-    # four one-token responses: (Â, ρ) = (1, 1.5), (−1, 0.5), (1, 0.5), (−1, 1.5); ε = 0.2
-    ratio = torch.tensor([[1.5], [0.5], [0.5], [1.5]])
-    logp = ratio.log().clone().requires_grad_(True)
-    old = torch.zeros(4, 1)
-    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    loss, stats = flowrl.grpo_loss(logp, old, logp.detach(), torch.ones(4, 1), adv, clip_eps=0.2,
-                                   kl_coef=0.0)
-    # ℓ = max(−Âρ, −Â clip(ρ)): max(−1.5, −1.2) = −1.2 (clipped above); max(0.5, 0.8) = 0.8
-    # (clipped below); max(−0.5, −0.8) = −0.5 (not clipped); max(1.5, 1.2) = 1.5 → 0.6 / 4 = 0.15
-    assert_close(loss, torch.tensor(0.15))
-    loss.backward()
-    # clipped terms give no gradient; the others ∂(−Âρ)/∂logp = −Âρ / 4: −0.5 / 4, 1.5 / 4
-    assert_close(logp.grad, torch.tensor([[0.0], [0.0], [-0.125], [0.375]]))
-    assert_close(stats["clip_frac"], torch.tensor(1.0))
-
-
-def test_grpo_k3_direction_clamp_and_sign():
-    # one token, Â = 0: loss = kl_coef · k3(u), u = ref − logp
-    mask = torch.ones(1, 1)
-    adv = torch.zeros(1)
-    logp = torch.zeros(1, 1, requires_grad=True)
-    # u = +1: e^1 − 1 − 1 = 0.718282 (the other direction, u = −1, would give e^−1 + 1 − 1 = 0.3679)
-    loss, stats = flowrl.grpo_loss(logp, logp.detach(), torch.ones(1, 1), mask, adv, kl_coef=2.0)
-    assert_close(loss, torch.tensor(2 * 0.718282), rtol=1e-5, atol=1e-5)
-    assert_close(stats["kl"], torch.tensor(0.718282), rtol=1e-5, atol=1e-5)
-    loss.backward()
-    # ∂/∂logp [2 (e^{ref − logp} − (ref − logp) − 1)] = 2 (1 − e^1) = −3.43656: the penalty pulls
-    # logp up towards ref (a minus sign on the KL term would push it away)
-    assert_close(logp.grad, torch.tensor([[2 * (1 - math.e)]]), rtol=1e-5, atol=1e-5)
-    # u = −25: e^−20 + 20 − 1 ≈ 19 after the ±20 log-ratio clamp, then the estimate clamp → 10
-    zero = torch.zeros(1, 1)
-    loss, _ = flowrl.grpo_loss(zero, zero, zero - 25, mask, adv, kl_coef=1.0)
-    assert_close(loss, torch.tensor(10.0))
-    # u = 30 → 10 as well; unclamped u = 3: e^3 − 4 = 16.0855
-    loss, _ = flowrl.grpo_loss(zero, zero, zero + 30, mask, adv, kl_coef=1.0)
-    assert_close(loss, torch.tensor(10.0))
-    loss, _ = flowrl.grpo_loss(zero, zero, zero + 3, mask, adv, kl_coef=1.0, kl_clamp=False)
-    assert_close(loss, torch.tensor(math.exp(3) - 4))
-    # u = 2.5 inside both clamps: e^2.5 − 3.5 = 8.6825
-    loss, _ = flowrl.grpo_loss(zero, zero, zero + 2.5, mask, adv, kl_coef=1.0)
-    assert_close(loss, torch.tensor(math.exp(2.5) - 3.5))
-
-
-def test_grpo_token_mean_over_the_mask():
-    # two responses, lengths 1 and 3 (the padded slots hold junk); Â = (1, −2), ρ = 1:
-    # Σ_t −Â over real tokens = −1 + 3 · 2 = 5, over 4 tokens → 1.25
-    logp = torch.tensor([[-1.0, 50.0, 50.0], [-1.0, -1.0, -1.0]])
-    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    loss, _ = flowrl.grpo_loss(logp, logp, logp, mask, torch.tensor([1.0, -2.0]), kl_coef=0.0)
-    assert_close(loss, torch.tensor(1.25))
-    with pytest.raises(ValueError):
-        flowrl.grpo_loss(logp, logp, logp, mask, torch.zeros(2, 1))
-
-
 def test_empty_answers_give_no_nan():
     # a batch whose mask is all zero (no response tokens): every loss is finite
     logp = torch.full((2, 3), -1.0)
     empty = torch.zeros(2, 3)
     zeros = torch.zeros(2)
-    losses = [flowrl.grpo_loss(logp, logp, logp, empty, zeros + 1)[0],
-              flowrl.flowrl_loss(logp, logp, logp, empty, zeros, zeros + 1)[0],
+    losses = [flowrl.flowrl_loss(logp, logp, logp, empty, zeros, zeros + 1)[0],
               flowrl.kl_pg_loss(logp, logp, logp, empty, zeros + 1, zeros)[0],
               flowrl.ppo_loss(logp, logp, empty, logp, logp, logp, logp)[0]]
     for loss in losses:
@@ -220,38 +133,60 @@ def test_kl_pg_baseline_is_the_group_mean_of_the_shaped_reward():
         flowrl.kl_pg_baseline(r_hat[:, None], old, ref, torch.ones(4, 2), 0.5, 2)
 
 
-def test_flowrl_expected_gradient_equals_kl_pg_on_policy():
-    # the docstring's claim, exactly: a policy over 2-token answers (4 × 4 = 16 of them, each token
-    # drawn from its own softmax), on-policy (w = 1), expectation taken by enumeration:
-    # E[∇ flowrl_loss] = 2β · E[∇ kl_pg_loss] when kl_weight = 1/(β |y|), whatever log Z and b are
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(2, 4, generator=g).requires_grad_(True)
-    ref_logits = torch.randn(2, 4, generator=g)
-    answers = torch.tensor(list(itertools.product(range(4), repeat=2)))  # (16, 2)
-    r_hat = torch.randn(16, generator=g)
+def test_expected_gradient_is_2beta_kl_pg_only_when_log_z_leaves_the_trunk_alone():
+    # The docstring's claim, exactly, on the real model: the expectation over ALL 10,000 answers of
+    # one prompt under π. With the official clamp (w_max huge) and old_logp = logp − log(N π)/4 per
+    # token, w_i = exp(Σ_t (logp − old)) = N π(y_i), so each loss's batch mean (1/N) Σ_i w_i ℓ_i is
+    # E_π[ℓ] (w detached, as on-policy). Then, with kl_weight = 1/(β|y|):
+    #   log Z's input detached: ∇_θ E[flowrl] = 2β ∇_θ E[kl_pg] for every policy parameter θ;
+    #   not detached: the trunk (embedding, GRU) also gets 2 E_π[δ] ∇ log Z (its regression), the
+    #   output layer does not.
+    model = small_policy(0)
+    with torch.no_grad():
+        model.head.weight.mul_(40)  # a far-from-uniform policy
+    n = 10_000
+    prompts = flowrl.encode_prompts([10] * n)
+    answers = flowrl.ALL_ANSWERS
+    with torch.no_grad():
+        ref_logp = flowrl.score(small_policy(1), prompts, answers).logp  # (N, 4)
+    r_hat = flowrl.reward_fn(answers, torch.full((n,), 10), "digitsum") - 0.3  # (N,)
     beta = 1.5
-    grads = []
-    for loss_name in ("flowrl", "kl_pg"):
-        log_pi_tok = torch.log_softmax(theta, dim=-1)  # (2, 4)
-        logp = torch.stack([log_pi_tok[0, answers[:, 0]], log_pi_tok[1, answers[:, 1]]], 1)  # (16, 2)
-        ref_tok = torch.log_softmax(ref_logits, dim=-1)
-        ref_logp = torch.stack([ref_tok[0, answers[:, 0]], ref_tok[1, answers[:, 1]]], 1)  # (16, 2)
-        prob = logp.sum(1).exp().detach()  # (16,): π(y), sums to 1
-        total = 0.0
-        for i in range(16):  # E_π[ℓ_y] with ℓ_y the loss of the single sample y
-            one = slice(i, i + 1)
-            if loss_name == "flowrl":
-                loss, _ = flowrl.flowrl_loss(logp[one], logp[one].detach(), ref_logp[one],
-                                             torch.ones(1, 2), torch.tensor([0.3]), r_hat[one],
-                                             beta=beta)
-            else:
-                loss, _ = flowrl.kl_pg_loss(logp[one], logp[one].detach(), ref_logp[one],
-                                            torch.ones(1, 2), r_hat[one], torch.tensor([-0.7]),
-                                            kl_weight=1 / (beta * 2))
-            total = total + prob[i] * loss
-        grads.append(torch.autograd.grad(total, theta)[0])
-    assert grads[1].abs().max() > 1e-3
-    assert_close(grads[0], 2 * beta * grads[1], rtol=1e-4, atol=1e-6)
+    mask = torch.ones(n, 4)
+    trunk = list(model.tok.parameters()) + list(model.rnn.parameters())
+    policy = trunk + list(model.head.parameters())
+
+    def expected_grad(loss_name, detach_z):
+        now = flowrl.score(model, prompts, answers, detach_z=detach_z)
+        n_pi = now.logp.detach().sum(1).exp() * n  # (N,): N π(y), sums to N
+        old = now.logp.detach() - n_pi.log()[:, None] / 4
+        if loss_name == "flowrl":
+            loss, _ = flowrl.flowrl_loss(now.logp, old, ref_logp, mask, now.log_z, r_hat,
+                                         beta=beta, w_max=1e9)
+        else:
+            loss, _ = flowrl.kl_pg_loss(now.logp, old, ref_logp, mask, r_hat, torch.full((n,), 0.2),
+                                        kl_weight=1 / (beta * 4), w_max=1e9)
+        return torch.autograd.grad(loss, policy), now
+
+    flow_cut, _ = expected_grad("flowrl", True)
+    flow, now = expected_grad("flowrl", False)
+    twin, _ = expected_grad("kl_pg", False)
+    assert now.logp.detach().sum(1).exp().sum() == pytest.approx(1, rel=1e-4)  # π sums to 1
+    for a, b in zip(flow_cut, twin):
+        assert_close(a, 2 * beta * b, rtol=2e-3, atol=2e-6)
+    # E_π[δ] and ∇_trunk log Z (every row's log Z is the same prompt's)
+    with torch.no_grad():
+        avg = (now.logp.mean(1) - ref_logp.mean(1))  # (N,)
+        delta = now.log_z + avg - beta * r_hat  # (N,)
+        mean_delta = (now.logp.sum(1).exp() * delta).sum()
+    assert abs(mean_delta) > 0.05  # log Z is far from its optimum: the coupling is visible
+    log_z = flowrl.score(model, prompts[:1], answers[:1]).log_z.sum()
+    dz = torch.autograd.grad(log_z, trunk)
+    for a, b, g in zip(flow, flow_cut, dz):
+        assert_close(a - b, 2 * mean_delta * g, rtol=2e-3, atol=2e-6)
+    assert max((a - b).abs().max() for a, b in zip(flow, flow_cut)) > 1e-3
+    n_trunk = len(trunk)
+    for a, b in zip(flow[n_trunk:], flow_cut[n_trunk:]):
+        assert_close(a, b)  # the output layer never sees log Z
 
 
 def test_gae_hand_computed_and_plain_loop():
@@ -481,41 +416,80 @@ def hand_rollout(model, ref):
                           ref_logp, reward, r_hat)
 
 
+def expected_loss(model, roll, algo, coef, official):
+    """The arm's loss from the pure functions, on model's scores, with its gradient graph."""
+    w_max = 10.0 if official else None  # the official clamp(w, max = 10) keeps w = 7.39
+    mask = roll.mask
+    now = flowrl.score(model, roll.prompts, roll.answers, detach_z=algo == "flowrl_detached")
+    if algo in ("flowrl", "flowrl_detached"):
+        return flowrl.flowrl_loss(now.logp, roll.old_logp, roll.ref_logp, mask, now.log_z,
+                                  roll.r_hat, beta=coef, clip_eps=0.1, w_max=w_max)[0]
+    if algo == "kl_pg":
+        b = flowrl.kl_pg_baseline(roll.r_hat, roll.old_logp, roll.ref_logp, mask, coef, 4)
+        return flowrl.kl_pg_loss(now.logp, roll.old_logp, roll.ref_logp, mask, roll.r_hat, b,
+                                 kl_weight=coef, clip_eps=0.1, w_max=w_max)[0]
+    if algo == "ppo":
+        adv, returns = flowrl.ppo_advantages(roll.reward, roll.old_values, mask, 0.9)
+        return flowrl.ppo_loss(now.logp, roll.old_logp, mask, adv, now.values, roll.old_values,
+                               returns, clip_eps=0.1)[0]
+    return flowrl.grpo_loss(now.logp, roll.old_logp, roll.ref_logp, mask, roll.r_hat,
+                            clip_eps=0.1, kl_coef=coef)[0]
+
+
 @pytest.mark.parametrize("algo,coef,official", [("flowrl", 2.0, False), ("flowrl", 2.0, True),
+                                                ("flowrl_detached", 2.0, False),
                                                 ("kl_pg", 0.25, False), ("kl_pg", 0.25, True),
                                                 ("grpo", 0.5, False), ("grpo_kl", 0.1, False),
                                                 ("ppo", 0.0, False)])
-def test_update_uses_the_right_loss_and_inputs(algo, coef, official):
+def test_update_uses_the_right_loss_inputs_and_gradient(algo, coef, official):
+    # update() must take one optimizer step on exactly the pure loss's gradient, clipped to norm 1
     model = small_policy(0)  # eval mode: no dropout in the log Z head, so the loss is repeatable
     ref = small_policy(1)
     roll = hand_rollout(model, ref)
     assert not torch.equal(roll.reward, roll.r_hat)
     cfg = flowrl.Config(group=4, lam=0.9, clip_eps=0.1, official_clamp=official)
-    w_max = 10.0 if official else None  # the official clamp(w, max = 10) keeps w = 7.39
-    mask = roll.mask
-    with torch.no_grad():
-        now = flowrl.score(model, roll.prompts, roll.answers)
-    if algo == "flowrl":
-        expected, _ = flowrl.flowrl_loss(now.logp, roll.old_logp, roll.ref_logp, mask, now.log_z,
-                                         roll.r_hat, beta=coef, clip_eps=0.1, w_max=w_max)
-    elif algo == "kl_pg":
-        b = flowrl.kl_pg_baseline(roll.r_hat, roll.old_logp, roll.ref_logp, mask, coef, 4)
-        expected, _ = flowrl.kl_pg_loss(now.logp, roll.old_logp, roll.ref_logp, mask, roll.r_hat,
-                                        b, kl_weight=coef, clip_eps=0.1, w_max=w_max)
-    elif algo == "ppo":
-        adv, returns = flowrl.ppo_advantages(roll.reward, roll.old_values, mask, 0.9)
-        expected, _ = flowrl.ppo_loss(now.logp, roll.old_logp, mask, adv, now.values,
-                                      roll.old_values, returns, clip_eps=0.1)
-    else:
-        expected, _ = flowrl.grpo_loss(now.logp, roll.old_logp, roll.ref_logp, mask, roll.r_hat,
-                                       clip_eps=0.1, kl_coef=coef)
+    twin = copy.deepcopy(model)
+    expected = expected_loss(twin, roll, algo, coef, official)
+    expected.backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)  # the norm before clipping
     arm = flowrl.Arm(algo, algo, coef, "digitsum")
     opt = flowrl.make_optimizer(model, 0.01, 1.0)
     before = copy.deepcopy(model.state_dict())
     history = flowrl.update(model, opt, roll, arm, [torch.arange(8)], cfg, 1)
     assert len(history) == 1
     assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert history[0]["clipped"] == float(norm > 1.0)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
     assert not torch.equal(model.head.weight, before["head.weight"])  # the optimizer stepped
+
+
+def test_update_flags_a_clipped_gradient():
+    # the same batch, the FlowRL loss at β = 50 (|∇| ≫ 1: clipped) and kl_pg at lr-free weight 0
+    # with r̂ scaled down 1000× (|∇| ≪ 1: not clipped)
+    model = small_policy(0)
+    roll = hand_rollout(model, small_policy(1))
+    cfg = flowrl.Config(group=4)
+    opt = flowrl.make_optimizer(model, 1e-6, 1.0)
+    big = flowrl.update(model, opt, roll, flowrl.Arm("f", "flowrl", 50.0, "digitsum"),
+                        [torch.arange(8)], cfg, 1)
+    small = flowrl.update(model, opt, roll._replace(r_hat=roll.r_hat * 1e-3),
+                          flowrl.Arm("k", "kl_pg", 0.0, "digitsum"), [torch.arange(8)], cfg, 1)
+    assert big[0]["clipped"] == 1.0
+    assert small[0]["clipped"] == 0.0
+
+
+def test_update_stops_on_a_non_finite_loss():
+    model = small_policy(0)
+    roll = hand_rollout(model, small_policy(1))
+    roll = roll._replace(r_hat=roll.r_hat * float("nan"))
+    opt = flowrl.make_optimizer(model, 0.01, 1.0)
+    with pytest.raises(flowrl.NonFinite, match="step 7: the flowrl loss is nan"):
+        flowrl.update(model, opt, roll, flowrl.Arm("f", "flowrl", 1.0, "digitsum"),
+                      [torch.arange(8)], flowrl.Config(group=4), 7)
 
 
 def test_update_scores_each_minibatch_afresh_against_the_sampling_policy():
@@ -549,33 +523,45 @@ def test_make_optimizer_gives_log_z_its_learning_rate():
 
 def test_training_raises_accuracy_for_every_arm(capsys):
     # a known direction: 40 steps on 2 prompts from a near-uniform policy (accuracy 0.05) must
-    # raise the exact accuracy for each arm (measured: 0.51, 0.94, 0.99, 0.99 at a high learning
-    # rate and the paper's β = 15), and leave π_ref untouched
+    # raise the exact accuracy for each arm at a high learning rate and the paper's β = 15
     cfg = flowrl.Config(steps=40, group=8, d_model=8, hidden=16, lr=0.03, eval_samples=64,
                         log_every=1000)
     targets = [12, 15]
-    ref = small_policy(0)
-    init_state = copy.deepcopy(ref.state_dict())
-    ref.requires_grad_(False)
-    ref_logpi = flowrl.exact_logprobs(ref, targets, torch.device("cpu"))
-    initial = flowrl.evaluate(ref_logpi, ref_logpi, targets, "digitsum", 64, 0)["accuracy"]
-    for algo, coef in [("flowrl", 15.0), ("kl_pg", 1 / 60), ("grpo", 0.001), ("ppo", 0.0)]:
-        arm = flowrl.Arm(algo, algo, coef, "digitsum")
-        out = flowrl.train_arm(arm, cfg, init_state, ref, ref_logpi, targets, 0,
-                               torch.device("cpu"))
-        assert out["accuracy"] > initial + 0.3, (algo, out["accuracy"], initial)
-        assert 0 < out["cpu_time_s"] < 600 and 0 < out["wall_time_s"] < 600
-    for name, tensor in ref.state_dict().items():
-        assert torch.equal(tensor, init_state[name])
-    # a single step already moves the policy (step 1 is trained, not skipped)
-    one = flowrl.train_arm(flowrl.Arm("grpo", "grpo", 0.001, "digitsum"),
-                           flowrl.Config(**{**cfg.__dict__, "steps": 1}), init_state, ref,
-                           ref_logpi, targets, 0, torch.device("cpu"))
-    assert one["accuracy"] != initial
-    # one progress line per arm (log_every 1000 > steps: only the last step logs), and the 1-step run
+    ref = flowrl.reference(cfg, targets, 0, torch.device("cpu"))
+    initial = flowrl.evaluate(ref.logpi, ref.logpi, targets, "digitsum", 64, 0)["accuracy"]
+    rows = {}
+    for algo, coef in [("flowrl", 15.0), ("kl_pg", 1 / 60), ("ppo", 0.0)]:
+        row = flowrl.run_job(flowrl.Job(cfg, flowrl.Arm(algo, algo, coef, "digitsum"), 0, targets))
+        assert row["accuracy"] > initial + 0.3, (algo, row["accuracy"], initial)
+        assert 0 < row["cpu_time_s"] < 600 and 0 < row["wall_time_s"] < 600
+        rows[algo] = row
+    # FlowRL's gradient carries the factor 2β = 30: clipped on most steps, kl_pg's on few
+    assert rows["flowrl"]["clip_share"] > 0.5 > rows["kl_pg"]["clip_share"]
     out = capsys.readouterr().out
-    assert out.count("step    40/40") == 4
-    assert out.count("step ") == 5
+    assert out.count("step    40/40") == 3  # log_every 1000 > steps: only the last step logs
+    assert "arm=flowrl seed=0" in out
+    # a single step already moves the policy (step 1 is trained, not skipped), and π_ref stays
+    one_step = flowrl.Config(**{**cfg.__dict__, "steps": 1})
+    trained = flowrl.train_arm(flowrl.Arm("grpo", "grpo", 0.001, "digitsum"), one_step,
+                               ref.init_state, ref.model, targets, 0, torch.device("cpu"))
+    logpi = flowrl.exact_logprobs(trained.model, targets, torch.device("cpu"))
+    assert not torch.equal(logpi, ref.logpi)
+    assert trained.clip_share in (0.0, 0.5, 1.0)  # 1 step × 2 minibatches
+    for name, tensor in ref.model.state_dict().items():
+        assert torch.equal(tensor, ref.init_state[name])
+
+
+def test_a_job_is_the_same_whatever_ran_before_it():
+    # each job seeds itself: the same job twice, with other random draws between, gives one row
+    cfg = flowrl.Config(steps=3, group=4, d_model=8, hidden=16, eval_samples=32)
+    job = flowrl.Job(cfg, flowrl.Arm("flowrl", "flowrl", 1.0, "digitsum"), 4, [10, 14])
+    first = flowrl.run_job(job)
+    torch.rand(100)
+    again = flowrl.run_job(job)
+    assert {k: v for k, v in first.items() if "time" not in k} == {
+        k: v for k, v in again.items() if "time" not in k}
+    other_seed = flowrl.run_job(job._replace(seed=5))
+    assert other_seed["kl_to_target"] != first["kl_to_target"]
 
 
 # --- the exact evaluator ---
@@ -624,31 +610,63 @@ def test_evaluate_a_policy_with_known_answers():
     assert out["distinct_valid"] == 4
 
 
-# --- the whole run ---
+# --- seeds, jobs and the record ---
 
 
 def test_summarise_mean_std_worst():
-    rows = [{"accuracy": 0.9, "kl_to_target": 1.0}, {"accuracy": 0.5, "kl_to_target": 3.0},
-            {"accuracy": 0.7, "kl_to_target": 2.0}]
+    rows = [{"accuracy": 0.9, "kl_to_target": 1.0, "clip_share": 0.2, "cpu_time_s": 5.0},
+            {"accuracy": 0.5, "kl_to_target": 3.0, "clip_share": 0.6, "cpu_time_s": 9.0},
+            {"accuracy": 0.7, "kl_to_target": 2.0, "clip_share": 0.4, "cpu_time_s": 7.0}]
     out = flowrl.summarise(rows)
     assert out["accuracy"] == pytest.approx(0.7)
     assert out["std"]["accuracy"] == pytest.approx(0.2)  # unbiased: sqrt((0.04 + 0.04) / 2)
-    assert out["worst"] == {"accuracy": 0.5, "kl_to_target": 3.0}
+    # the worst seed: lowest accuracy; highest KL, clip share and time (the slowest seed)
+    assert out["worst"] == {"accuracy": 0.5, "kl_to_target": 3.0, "clip_share": 0.6,
+                            "cpu_time_s": 9.0}
     assert out["per_seed"] == rows
-    # two seeds: unbiased std |a − b| / √2 = 0.2 / 1.41421; one seed: std 0
+    # two seeds: unbiased std |a − b| / √2 = 0.4 / 1.41421; one seed: std 0
     two = flowrl.summarise(rows[:2])
     assert two["std"]["accuracy"] == pytest.approx(0.4 / math.sqrt(2))
-    assert flowrl.summarise(rows[:1])["std"] == {"accuracy": 0.0, "kl_to_target": 0.0}
+    assert set(flowrl.summarise(rows[:1])["std"].values()) == {0.0}
 
 
 def test_main_arms_tie_kl_pg_to_beta():
-    arms = {a.algo: a for a in flowrl.main_arms(flowrl.Config(beta=4.0))}
+    cfg = flowrl.Config(beta=4.0, kl_coef=0.01, kl_coef_strong=0.3)
+    arms = {a.algo: a for a in flowrl.main_arms(cfg)}
     assert arms["kl_pg"].coef == pytest.approx(1 / 16)  # 1/(β |y|) with |y| = 4
-    assert arms["flowrl"].coef == 4.0
-    assert (arms["grpo"].coef, arms["grpo_kl"].coef) == (0.001, 0.1)
-    tiered = flowrl.tiered_arms(flowrl.Config(tiered_arms="kl_pg,ppo"))
+    assert arms["flowrl"].coef == arms["flowrl_detached"].coef == 4.0
+    assert (arms["grpo"].coef, arms["grpo_kl"].coef, arms["ppo"].coef) == (0.01, 0.3, 0.0)
+    tiered = flowrl.tiered_arms(flowrl.Config(beta=2.0, tiered_arms="kl_pg,ppo"))
     assert [(a.algo, a.coef, a.task) for a in tiered] == [("kl_pg", 0.125, "tiered"),
                                                         ("ppo", 0.0, "tiered")]
+
+
+def test_frontier_weights_follow_the_betas():
+    # kl_pg's and GRPO's frontier weights are 1/(β|y|) of the FlowRL frontier's β unless given
+    front = flowrl.frontier_arms(flowrl.Config(betas="2,4,0.5"))
+    assert [a.coef for a in front["flowrl"]] == [2.0, 4.0, 0.5]
+    assert [a.coef for a in front["kl_pg"]] == [0.125, 0.0625, 0.5]
+    assert [a.coef for a in front["grpo"]] == [0.125, 0.0625, 0.5]
+    assert [a.algo for a in front["grpo"]] == ["grpo"] * 3
+    front = flowrl.frontier_arms(flowrl.Config(betas="2", kl_weights="0.3,0.1", kl_coefs="0.2"))
+    assert [a.coef for a in front["kl_pg"]] == [0.3, 0.1]
+    assert [a.coef for a in front["grpo"]] == [0.2]
+    assert flowrl.frontier_arms(flowrl.Config(betas=""))["grpo"] == []
+
+
+def test_plan_trains_every_run_once():
+    # 6 arms × 2 seeds = 12; frontier (β 1, 2 on 2 seeds): β = 1, kl_pg 0.25 and grpo 0.25 are
+    # main-table runs (grpo_kl is grpo at 0.25), β = 2, 0.125, 0.125 are new: 3 × 2 = 6; the
+    # tiered flowrl run on the first seed: 1 → 19 jobs
+    cfg = flowrl.Config(seeds=2, frontier_seeds=2, betas="1,2", kl_coef_strong=0.25, seed=7,
+                        tiered_arms="flowrl")
+    jobs = flowrl.plan(cfg, [10])
+    assert len(jobs) == 19
+    assert sorted({job.seed for job in jobs.values()}) == [7, 8]
+    assert all(key == flowrl.run_key(job.arm, job.seed) for key, job in jobs.items())
+    tiered = [job for job in jobs.values() if job.arm.task == "tiered"]
+    assert [(job.arm.algo, job.seed) for job in tiered] == [("flowrl", 7)]
+    assert flowrl.RunKey("grpo", 0.125, "digitsum", 8) in jobs
 
 
 def test_run_key_trains_grpo_kl_and_grpo_once_but_keeps_algorithms_apart():
@@ -661,44 +679,8 @@ def test_run_key_trains_grpo_kl_and_grpo_once_but_keeps_algorithms_apart():
         flowrl.Arm("kl_pg", "kl_pg", 0.1, "tiered"), 0)
     assert key(flowrl.Arm("ppo", "ppo", 0.0, "digitsum"), 0) != key(
         flowrl.Arm("ppo", "ppo", 0.0, "digitsum"), 1)
-
-
-def test_smoke_writes_every_arm_frontier_and_tiered(tmp_path):
-    # one frontier point per family, each equal to an arm, keeps the test fast
-    flowrl.main(["--smoke", "--out", str(tmp_path), "--seed", "5", "--betas", "0.5,2",
-                 "--kl-coefs", "0.1", "--kl-weights", "0.125"])
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["seeds"] == [5, 6]
-    smoke = {k: results["config"][k] for k in ("steps", "group", "hidden", "eval_samples", "seeds")}
-    assert smoke == {"steps": 4, "group": 4, "hidden": 16, "eval_samples": 64, "seeds": 2}
-    assert list(results["arms"]) == ["flowrl", "grpo", "grpo_kl", "ppo", "kl_pg"]
-    for arm in results["arms"].values():
-        assert len(arm["per_seed"]) == 2
-        for key in ("accuracy", "distinct_valid", "effective_answers", "kl_to_target"):
-            assert math.isfinite(arm[key])
-            assert arm[key] == pytest.approx(sum(r[key] for r in arm["per_seed"]) / 2)
-    assert results["target"]["accuracy"] == pytest.approx(1.0)
-    assert results["target"]["kl_to_target"] == pytest.approx(0.0, abs=1e-9)
-    assert results["initial"]["accuracy"] < 0.2
-    coefs = {family: [p["coef"] for p in points] for family, points in results["frontier"].items()}
-    assert coefs == {"flowrl": [0.5, 2], "grpo": [0.1], "kl_pg": [0.125]}
-    # a frontier point equal to an arm is the same run (first seed)
-    first = {name: arm["per_seed"][0] for name, arm in results["arms"].items()}
-    assert results["frontier"]["flowrl"][1]["accuracy"] == first["flowrl"]["accuracy"]
-    assert results["frontier"]["flowrl"][0]["accuracy"] != first["flowrl"]["accuracy"]
-    assert results["frontier"]["kl_pg"][0]["kl_to_target"] == first["kl_pg"]["kl_to_target"]
-    assert results["frontier"]["grpo"][0]["accuracy"] == first["grpo_kl"]["accuracy"]
-    # the default frontiers: FlowRL's β and the KL weights 1/(β|y|) they imply, GRPO around them
-    default = flowrl.frontier_arms(flowrl.Config())
-    assert [a.coef for a in default["flowrl"]] == [1, 1.25, 2, 5]
-    assert [a.coef for a in default["kl_pg"]] == [0.25, 0.2, 0.125, 0.05]
-    assert [a.coef for a in default["grpo"]] == [0.001, 0.1, 0.2, 0.25]
-    assert {a.algo for a in default["grpo"]} == {"grpo"}
-    tiered = results["tiered"]
-    assert set(tiered["arms"]) == {"flowrl", "kl_pg"}
-    assert all(math.isfinite(row["mass_ratio"]) for row in tiered["arms"].values())
-    assert tiered["reward_proportional_ratio"] == pytest.approx(0.5 * tiered["target"]["mass_ratio"])
-    assert (tmp_path / "flowrl.png").stat().st_size > 1000
+    assert key(flowrl.Arm("flowrl", "flowrl", 1.0, "digitsum"), 0) != key(
+        flowrl.Arm("flowrl_detached", "flowrl_detached", 1.0, "digitsum"), 0)
 
 
 def test_unknown_arm_exits_2(capsys):
@@ -706,3 +688,108 @@ def test_unknown_arm_exits_2(capsys):
         flowrl.main(["--arms", "flowrl,dpo"])
     assert e.value.code == 2
     assert "dpo" in capsys.readouterr().err
+
+
+def seed_row(accuracy, distinct, clip_share=0.1):
+    return {"accuracy": accuracy, "pass_at_1": accuracy, "distinct_valid": distinct,
+            "effective_answers": distinct / 2, "kl_to_target": 1.0, "kl_from_target": 0.5,
+            "clip_share": clip_share, "wall_time_s": 10.0, "cpu_time_s": 9.0}
+
+
+def hand_results(flow_accuracy, detached_distinct):
+    """A record built by hand: 3 seeds per arm, a 2-seed frontier at β = 1, 2, a tiered arm."""
+    summarise = flowrl.summarise
+    arms = {"flowrl": {"coef": 1.0, **summarise([seed_row(a, d, 0.6) for a, d in
+                                                  zip(flow_accuracy, [100, 140, 120])])},
+            "flowrl_detached": {"coef": 1.0, **summarise([seed_row(a, d, 0.5) for a, d in
+                                                           zip(flow_accuracy, detached_distinct)])},
+            "kl_pg": {"coef": 0.25, **summarise([seed_row(0.96, 130, 0.01),
+                                                 seed_row(0.97, 110, 0.01),
+                                                 seed_row(0.98, 150, 0.01)])},
+            "grpo": {"coef": 0.001, **summarise([seed_row(0.99, d) for d in (1, 2, 3)])}}
+    cfg = flowrl.Config(betas="1,2", frontier_seeds=2)
+    runs = {}
+    for family, points in flowrl.frontier_arms(cfg).items():
+        for arm in points:
+            # flowrl keeps 50 more distinct answers than kl_pg at β = 2 (seeds 60 ± 10 vs 10 ± 10)
+            more = 50 if (family, arm.coef) == ("flowrl", 2.0) else 0
+            runs[flowrl.run_key(arm, 0)] = seed_row(0.9, 10 + more)
+            runs[flowrl.run_key(arm, 1)] = seed_row(0.9, 20 + more)
+    ref_row = {"accuracy": 1.0, "pass_at_1": 1.0, "distinct_valid": 300.0,
+               "effective_answers": 500.0, "kl_to_target": 0.0, "kl_from_target": 0.0}
+    return {"config": dataclasses.asdict(cfg), "seeds": [0, 1, 2], "arms": arms,
+            "target": summarise([ref_row]), "initial": summarise([ref_row]),
+            "frontier": flowrl.frontier_rows(cfg, runs),
+            "tiered": {"arms": {"flowrl": {"mass_ratio": 0.001}}, "target": {"mass_ratio": 0.96},
+                       "reward_proportional_ratio": 0.48},
+            "n_valid": {"10": 282, "12": 415}, "wall_s": 42.0}
+
+
+def test_frontier_rows_keep_the_mean_and_every_seed():
+    point = hand_results([0.9, 0.92, 0.94], [100, 140, 120])["frontier"]["flowrl"][1]
+    assert point["coef"] == 2.0
+    assert point["distinct_valid"] == pytest.approx(65.0)  # (60 + 70) / 2
+    assert point["std"]["distinct_valid"] == pytest.approx(50 ** 0.5)  # |60 − 70| / √2
+    assert [p["distinct_valid"] for p in point["per_seed"]] == [60, 70]
+    assert set(point["per_seed"][0]) == {"accuracy", "distinct_valid", "kl_to_target"}
+
+
+def test_render_report_verdict_follows_the_numbers():
+    # flowrl accuracy 0.92 ± 0.02 vs kl_pg 0.97 ± 0.01: −0.05, beyond the spread 0.02;
+    # distinct 120 ± 20 vs 130 ± 20: −10, inside; detached distinct 180 ± 10 vs 120: +60, beyond
+    results = hand_results([0.90, 0.92, 0.94], [170, 180, 190])
+    report = flowrl.render_report(results)
+    assert report == flowrl.render_report(json.loads(json.dumps(results)))
+    assert "| flowrl | 1 | 0.920 ± 0.020 [0.900] |" in report
+    assert "120.0 ± 20.0 [100.0]" in report and "0.60 ± 0.00 [0.60]" in report
+    assert "| target p* (ceiling) | | 1.000 ± 0.000 [1.000] |" in report
+    assert "| flowrl | 2 | 0.900 | 65.0 | 1.00 | 0.900 / 60.0, 0.900 / 70.0 |" in report
+    verdict = flowrl.verdict_lines(results)
+    assert "- " + verdict[0] + "\n" in report
+    assert "FlowRL − kl_pg -0.050, beyond the seed spread (std 0.020)" in verdict[0]
+    assert "-10.0, inside the seed spread (std 20.0)" in verdict[0]
+    assert verdict[1] == "Beyond the seed spread: kl_pg is ahead on accuracy by 0.05."
+    assert verdict[4] == ("FlowRL keeps more distinct valid answers than kl_pg at 1 of 2 matched "
+                          "weights, beyond the seed spread at 1.")
+    assert "+60.0, beyond the seed spread (std 20.0)" in verdict[5]
+    assert "cutting that path helps beyond the seed spread" in verdict[6]
+    assert "flowrl 60%, flowrl_detached 50%, kl_pg 1%, grpo 10%" in verdict[7]
+    assert "the most diverse arm, flowrl_detached, keeps 180.0" in verdict[8]
+    assert "keeps 2.0 distinct valid answers: without a KL the toy collapses" in verdict[9]
+    assert "flowrl 0.001 against 0.960 for p* and 0.480" in verdict[10]
+    # equal accuracy, detached no different: neither is ahead, cutting log Z changes nothing
+    verdict = flowrl.verdict_lines(hand_results([0.96, 0.97, 0.98], [100, 140, 120]))
+    assert verdict[1].startswith("Neither is ahead beyond the seed spread")
+    assert "changes nothing beyond the seed spread" in verdict[6]
+
+
+def test_smoke_writes_the_record(tmp_path):
+    # three arms, a 2-point frontier, one tiered arm: 3 × 2 + 3 + 1 = 10 trainings
+    flowrl.main(["--smoke", "--out", str(tmp_path), "--seed", "5", "--betas", "1,2",
+                 "--arms", "flowrl,kl_pg,grpo_kl", "--tiered-arms", "kl_pg", "--workers", "1"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text() == flowrl.render_report(results)
+    assert results["verdict"] == "\n".join(flowrl.verdict_lines(results))
+    assert (tmp_path / "flowrl.png").stat().st_size > 1000
+    assert results["seeds"] == [5, 6] and results["wall_s"] > 0
+    assert list(results["arms"]) == ["flowrl", "kl_pg", "grpo_kl"]
+    for arm in results["arms"].values():
+        assert len(arm["per_seed"]) == 2
+        assert 0 <= arm["clip_share"] <= 1
+        for key in ("accuracy", "distinct_valid", "effective_answers", "kl_to_target"):
+            assert arm[key] == pytest.approx(sum(r[key] for r in arm["per_seed"]) / 2)
+    assert results["target"]["accuracy"] == pytest.approx(1.0)
+    assert results["target"]["kl_to_target"] == pytest.approx(0.0, abs=1e-9)
+    assert results["initial"]["accuracy"] < 0.2
+    # a frontier point equal to an arm is the same run (first seed)
+    first = {name: arm["per_seed"][0] for name, arm in results["arms"].items()}
+    front = results["frontier"]
+    assert [len(p["per_seed"]) for p in front["flowrl"]] == [1, 1]
+    assert front["flowrl"][0]["accuracy"] == first["flowrl"]["accuracy"]
+    assert front["kl_pg"][0]["kl_to_target"] == first["kl_pg"]["kl_to_target"]
+    assert front["grpo"][0]["accuracy"] == first["grpo_kl"]["accuracy"]
+    assert front["flowrl"][1]["accuracy"] != first["flowrl"]["accuracy"]
+    tiered = results["tiered"]
+    assert set(tiered["arms"]) == {"kl_pg"}
+    assert all(math.isfinite(row["mass_ratio"]) for row in tiered["arms"].values())
+    assert tiered["reward_proportional_ratio"] == pytest.approx(0.5 * tiered["target"]["mass_ratio"])
