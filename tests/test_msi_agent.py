@@ -300,7 +300,8 @@ def test_vector_selection_pulls_in_the_rule_that_shares_the_object():
 
 
 def test_apply_rules_and_success_rate_by_hand():
-    rules = [("take", "goto", "X"), ("heat", "toggle", "microwave"), ("take", "open", "cabinet")]
+    rules = [m.Rule("take", "goto", "X"), m.Rule("heat", "toggle", "microwave"),
+             m.Rule("take", "open", "cabinet")]
     plan = [("take", "apple"), ("put", "microwave"), ("heat", "apple")]
     # before take apple: lines 0 ('X' -> apple) and 2; before heat apple: line 1
     assert m.apply_rules(plan, rules) == [("goto", "apple"), ("open", "cabinet"), ("take", "apple"),
@@ -319,8 +320,8 @@ def test_apply_rules_and_success_rate_by_hand():
 
 def _ep(room, kinds, steps, success):
     task = m.Task(room, tuple((k, "x", "none") for k in kinds))
-    return {"room": room, "kinds": kinds, "query": m.query_text(task), "steps": steps,
-            "success": success, "met": 0, "total": 1}
+    return {"room": room, "kinds": kinds, "query": m.query_text(task),
+            "steps": [m.Step(*step) for step in steps], "success": success, "met": 0, "total": 1}
 
 
 FAIL = _ep("kitchen", ["heat"], [("goto", "apple", -1, True), ("take", "apple", 0, False)], False)
@@ -438,10 +439,11 @@ def test_a_rule_refuted_in_its_room_goes_to_its_subtask_and_stays():
 def test_refuted_incremental_equals_a_plain_loop():
     rng = random.Random(3)
     pool = m.SuccessPool()
-    rules = [("take", "goto", "X"), ("take", "open", "cabinet"), ("put", "open", "X"),
-             ("heat", "toggle", "microwave"), ("take", "rinse", "mug")]
-    scopes = [("general", "", ""), ("environment", "kitchen", ""), ("subtask", "", "brew"),
-              ("subtask", "", "heat")]
+    rules = [m.Rule("take", "goto", "X"), m.Rule("take", "open", "cabinet"),
+             m.Rule("put", "open", "X"), m.Rule("heat", "toggle", "microwave"),
+             m.Rule("take", "rinse", "mug")]
+    scopes = [m.Scope("general", "", ""), m.Scope("environment", "kitchen", ""),
+              m.Scope("subtask", "", "brew"), m.Scope("subtask", "", "heat")]
     seen = []
     for _ in range(6):
         batch = [m.explore(rng, m.sample_task(rng, rng.choice(m.ROOMS)), 0.5) for _ in range(40)]
@@ -461,9 +463,9 @@ def test_refuted_incremental_equals_a_plain_loop():
                             plain = plain or m.needed(rule, arg) not in done
                         if ok:
                             done.add((verb, arg))
-                assert m.refuted(rule, (scale, env, kind), pool) == plain
-    assert m.refuted(("take", "goto", "X"), ("general", "", ""), pool) is False
-    assert m.refuted(("take", "open", "cabinet"), ("general", "", ""), pool) is True
+                assert m.refuted(rule, m.Scope(scale, env, kind), pool) == plain
+    assert m.refuted(m.Rule("take", "goto", "X"), m.GENERAL, pool) is False
+    assert m.refuted(m.Rule("take", "open", "cabinet"), m.GENERAL, pool) is True
 
 
 def test_scale_of_and_rule_recall():
@@ -565,7 +567,7 @@ def test_planner_shapes_and_cached_generation():
     prompts = [m.encode_prompt(task, [("take", "goto", "X")]),
                m.encode_prompt(task, [("heat", "wet", "X")])]
     x = torch.tensor(prompts)
-    vl, al, h, _ = model(x, torch.arange(6)[None])
+    vl, al, h = model(x, torch.arange(6)[None])
     assert vl.shape == (2, 6, len(m.VOCAB)) and model.pointer(h, h[:, 4:5]).shape == (2, 6, 1)
     # causal: items appended on the right change nothing at the earlier positions
     padded = torch.cat([x, torch.zeros(2, 3, 3, dtype=torch.long)], 1)
@@ -578,7 +580,7 @@ def test_planner_shapes_and_cached_generation():
     # the KV-cached decoding equals greedy decoding that re-runs the whole sequence every step
     seq = x[:1]
     for (verb, arg), chosen in out[0]:
-        vl, al, h, _ = model(seq, torch.arange(seq.shape[1])[None])
+        vl, al, h = model(seq, torch.arange(seq.shape[1])[None])
         assert (m.VOCAB[vl[0, -1].argmax()], m.VOCAB[al[0, -1].argmax()]) == (verb, arg)
         step = torch.tensor([[[m.VOCAB.index(verb), m.VOCAB.index(arg), m.PAD]]])
         seq = torch.cat([seq, step], 1)
@@ -587,13 +589,13 @@ def test_planner_shapes_and_cached_generation():
 
 
 def test_training_teaches_the_pointer(capsys):
-    cfg = m.Config(steps=50, d_model=32, batch_size=32, max_lines=6, budget=4, sweep="3",
+    cfg = m.Config(steps=50, n_embd=32, batch_size=32, max_lines=6, budget=4, sweep="3",
                    log_every=25, lr=1e-2)
     torch.manual_seed(0)
     model, exact = m.train_planner(cfg, torch.device("cpu"), max_len=24)
     batch = m.make_batch(random.Random(9), 64, 6)
     with torch.no_grad():
-        vl, al, h, _ = model(batch.x, torch.arange(batch.x.shape[1])[None])
+        vl, al, h = model(batch.x, torch.arange(batch.x.shape[1])[None])
         ptr_logits = model.pointer(h, h[:, m.LINES_AT:m.LINES_AT + batch.ptr.shape[-1]])
         loss_verb, _, loss_ptr = m.planner_loss(vl, al, ptr_logits, batch.y, batch.ptr)
     keep = batch.ptr >= 0
@@ -719,7 +721,8 @@ def smoke(tmp_path_factory):
     tasks = [("kitchen", ["heat mug"]), ("bedroom", ["look book"]), ("bathroom", ["light lamp"]),
              ("livingroom", ["toast bread", "fill cup"])]
     data.write_text("".join(json.dumps({"room": r, "subtasks": s}) + "\n" for r, s in tasks))
-    res = m.main(["--smoke", "--out", str(out), "--data", str(data), "--device", "cpu"])
+    res = m.main(["--smoke", "--out", str(out), "--data", str(data), "--device", "cpu",
+                  "--seeds", "1", "--workers", "1"])
     return out, res, m.parse_user_tasks([{"room": r, "subtasks": s} for r, s in tasks], "d")
 
 
@@ -727,6 +730,7 @@ def test_smoke_run_results_match_the_saved_insights(smoke):
     out, res, tasks = smoke
     data = json.load(open(out / "results.json"))
     assert os.path.exists(out / "msi_agent.png")
+    assert (out / "results.md").read_text() == m.render_report(data)
     assert data["seeds"] == [0] and set(data["arms"]) == set(m.ARMS)
     for arm in m.ARMS:
         a = data["arms"][arm]
@@ -741,14 +745,15 @@ def test_smoke_run_results_match_the_saved_insights(smoke):
     rows = db.select()
     assert rows and db.con.execute("SELECT count(*) FROM experiences").fetchone()[0] == 300
     for arm in ("general_only", "msi_vector", "msi_hashmap"):
-        eps = m.evaluate(rows, tasks, m.ARMS[arm][1], 8)
+        eps = m.evaluate(rows, tasks, m.ARMS[arm].selection, 8)
         sr, gc = m.success_rate_and_gc(eps)
-        assert (data["arms"][arm]["sr_rule_applier"], data["arms"][arm]["gc_rule_applier"]) == (sr, gc)
+        got = data["arms"][arm]
+        assert (got["sr_rule_applier"], got["gc_rule_applier"]) == (sr, gc)
         assert data["budget_sweep"]["8"][arm] == sr
     sr3 = m.success_rate_and_gc(m.evaluate(rows, tasks, "hashmap", 3))[0]
     assert data["budget_sweep"]["3"]["msi_hashmap"] == sr3
-    hidden = m.evaluate(rows, tasks, "vector_no_objects", 8)
-    assert data["controls"]["vector_objects_hidden_sr_rule_applier"] == m.success_rate_and_gc(hidden)[0]
+    hidden = m.success_rate(m.evaluate(rows, tasks, "vector_no_objects", 8))
+    assert data["controls"]["vector_objects_hidden_sr_rule_applier"] == hidden
     for shift in data["domain_shift"].values():
         assert shift["sr_drop"] == pytest.approx(shift["sr_kitchen"] - shift["sr_plus_bedroom"])
     assert data["recall_seed0"]["msi"] == m.rule_recall(rows)
@@ -757,7 +762,7 @@ def test_smoke_run_results_match_the_saved_insights(smoke):
 
 def test_bad_input_exits_2(capsys):
     for argv in (["--budget", "0"], ["--explore-p", "1.5"], ["--sweep", "3,x"],
-                 ["--budget", "40"], ["--d-model", "30"]):
+                 ["--budget", "40"], ["--n-embd", "30"]):
         with pytest.raises(SystemExit) as e:
             m.main(argv)
         assert e.value.code == 2
@@ -770,3 +775,103 @@ def test_grow_db_counts_every_operation():
     # two pairs (WIN, FAIL), (WIN2, FAIL) in batches of one: ADD 2, then REMOVE knife, AGREE cabinet
     assert info == {"experiences": 2, "insights": 2,
                     "ops": {"ADD": 2, "AGREE": 1, "EDIT": 0, "REMOVE": 1, "MOVE": 0}}
+
+
+def test_kv_cache_appends_along_time_and_decoding_matches_a_full_pass():
+    cache = m.KVCache()
+    k1 = torch.ones(1, 2, 3, 4)
+    k2 = torch.zeros(1, 2, 1, 4)
+    assert cache.append(k1, k1 * 2)[0] is k1  # empty before the prefill: kept as given
+    k, v = cache.append(k2, k2)
+    assert k.shape == (1, 2, 4, 4) and k[:, :, 3].sum() == 0 and v[:, :, :3].sum() == 2 * 24
+    torch.manual_seed(0)
+    model = m.Planner(16, 2, 2, 12).eval()
+    idx = torch.randint(0, len(m.VOCAB), (2, 7, 3))
+    with torch.no_grad():
+        full = model(idx, torch.arange(7)[None])
+        caches = [m.KVCache() for _ in model.blocks]
+        model(idx[:, :5], torch.arange(5)[None], caches)  # prefill
+        step5 = model(idx[:, 5:6], torch.tensor([[5]]), caches)
+        step6 = model(idx[:, 6:7], torch.tensor([[6]]), caches)
+    for whole, one, t in ((full, step5, 5), (full, step6, 6)):
+        for a, b in zip(whole, one):
+            torch.testing.assert_close(a[:, t:t + 1], b, atol=1e-5, rtol=1e-5)
+    assert caches[0].k.shape == (2, 2, 7, 8)  # (B, n_head, T, hs)
+
+
+def _arm(sr, ood_sr, seeds, ood_seeds):
+    return {"sr": sr, "gc": sr, "sr_rule_applier": sr, "plans_as_applier": 1.0,
+            "ood_sr": ood_sr, "ood_gc": ood_sr, "ood_sr_rule_applier": ood_sr,
+            "ood_plans_as_applier": 0.99, "ood_sr_rule_applier_flipped": 0.25,
+            "ood_sr_rule_applier_other": 0.75, "per_seed": {"sr": seeds, "ood_sr": ood_seeds}}
+
+
+def _results():
+    arms = {"none": _arm(0.1, 0.1, [0.1, 0.1], [0.1, 0.1]),
+            "flat": _arm(0.3, 0.6, [0.3, 0.3], [0.6, 0.6]),
+            "msi_success_mode": _arm(0.5, 0.5, [0.5, 0.5], [0.5, 0.5]),
+            "general_only": _arm(0.2, 0.7, [0.2, 0.2], [0.7, 0.7]),
+            "msi_vector": _arm(0.6, 0.5, [0.5, 0.7], [0.5, 0.5]),
+            "msi_hashmap": _arm(0.8, 0.65, [0.7, 0.9], [0.6, 0.7])}
+    controls = {"ceiling_true_rules_sr": 1.0, "ood_true_rules_hashmap_sr": 0.6,
+                "ood_true_rules_general_sr": 0.7, "vector_objects_hidden_sr_rule_applier": 0.7,
+                "hashmap_room_hidden_sr": 0.8}
+    controls["per_seed"] = {k: [v, v] for k, v in controls.items()}
+    shift = {"msi": {"sr_kitchen": 0.7, "sr_plus_livingroom": 0.7, "sr_plus_bedroom": 0.65,
+                     "sr_drop": 0.05, "per_seed": {"sr_drop": [0.0, 0.1]}},
+             "flat": {"sr_kitchen": 0.5, "sr_plus_livingroom": 0.3, "sr_plus_bedroom": 0.2,
+                      "sr_drop": 0.3, "per_seed": {"sr_drop": [0.2, 0.4]}}}
+    sweep = {"3": {"flat": 0.2, "general_only": 0.2, "msi_vector": 0.2, "msi_hashmap": 0.2},
+             "8": {"flat": 0.3, "general_only": 0.2, "msi_vector": 0.6, "msi_hashmap": 0.8},
+             "30": {"flat": 0.3, "general_only": 0.2, "msi_vector": 0.6, "msi_hashmap": 0.803}}
+    store = {"experiences": 100, "insights": 5, "ops": dict.fromkeys(m.OPS, 1)}
+    recall = {"hidden": 13, "induced": 14, "recall_any_scale": 1.0, "recall_right_scale": 0.9,
+              "spurious": 1, "missed": [], "wrong_scale": ["before heat X, toggle microwave"]}
+    return {"config": {"explore_episodes": 100, "eval_episodes": 10, "budget": 8, "steps": 5,
+                       "workers": 2},
+            "seeds": [0, 1000], "planner_plan_exact": 0.9, "arms": arms, "controls": controls,
+            "domain_shift": shift, "budget_sweep": sweep, "paper_sr": m.PAPER_SR,
+            "recall_seed0": {"msi": recall, "success": dict(recall, induced=40)},
+            "induction": {"explore_sr": 0.2, "msi": store, "success": store, "flat": store},
+            "wall_s": 12.0, "cpu_time_s": 20.0, "train_cpu_s": 5.0}
+
+
+def _verdicts(report):
+    return [line for line in report.splitlines() if line.startswith("- ") and ": " in line][:5]
+
+
+def test_render_report_verdicts_follow_the_numbers():
+    res = _results()
+    report = m.render_report(res)
+    # hashmap 0.8 first, vector 0.6 next; hashmap - vector per seed 0.2, 0.2; the paper's gaps
+    # (12.70 - 10.05) / 100 = 0.0265 and (14.54 - 11.43) / 100 = 0.0311: 0.2 / 0.0311 = 6.4x,
+    # 0.2 / 0.0265 = 7.5x; hashmap - flat 0.4, 0.6; garage best general_only 0.7; drops 0.05 < 0.3
+    assert _verdicts(report) == [
+        "- In domain, multi-scale + hashmap has the best SR: yes (0.800; next msi_vector 0.600).",
+        "- Vector selection below hashmap on every seed: yes (hashmap - vector +0.200, per seed "
+        "+0.200 .. +0.200; the paper's gap on TEACh: +0.0265 seen, +0.0311 unseen, so ours is "
+        "6.4-7.5x).",
+        "- Multi-scale + hashmap above the flat ExpeL-like store on every seed: yes (+0.500, "
+        "worst seed +0.400).",
+        "- Out of domain (garage), general_only has the best SR: yes (general_only 0.700, best "
+        "general_only 0.700).",
+        "- Under domain shift MSI loses less kitchen SR than the flat store: yes (drop +0.050 vs "
+        "+0.300)."]
+    # mean ± std [worst]: hashmap SR 0.8 ± 0.1 [0.7]; the worst drop is the largest
+    assert "| msi_hashmap | 0.800 ± 0.100 [0.700] | 0.800 | 0.800 | 1.000 |" in report
+    assert "| flat | 0.500 | 0.300 | 0.200 | 0.300 ± 0.100 [0.400] |" in report
+    # 0.803 is the best hashmap budget; 0.8 at 8 lines is within 0.005 of it
+    assert "plateau (within 0.005 of 0.803) at 8 lines; the default budget is 8 lines" in report
+    assert "the toy needs insights: yes" in report and "on 0.990-1.000 of tasks" in report
+    # vector applier 0.6, hidden 0.7, hashmap 0.8: the shared objects cost 0.1 of the 0.2 gap
+    assert "costs 0.100 of the 0.200 hashmap - vector gap" in report
+    assert "general_only wins on every seed: yes" in report  # true rules: 0.7 > 0.6, both seeds
+    res["arms"]["msi_vector"]["per_seed"]["sr"] = [0.5, 0.95]  # one seed: hashmap - vector -0.05
+    res["arms"]["general_only"]["ood_sr"] = 0.6
+    res["domain_shift"]["msi"]["sr_drop"] = 0.4
+    res["arms"]["none"]["sr"] = 0.6
+    res["controls"]["per_seed"]["ood_true_rules_general_sr"] = [0.7, 0.5]
+    flipped = _verdicts(m.render_report(res))
+    assert [line.split(": ")[1][:3] for line in flipped] == ["yes", "NO ", "yes", "NO ", "NO "]
+    assert "the toy needs insights: NO" in m.render_report(res)
+    assert "general_only wins on every seed: NO" in m.render_report(res)
