@@ -1,5 +1,6 @@
-"""ContextAR: multi-conditional autoregressive image generation — arXiv 2505.12274
-(https://arxiv.org/abs/2505.12274), judged with WorldGenBench's Knowledge Checklist Score —
+"""ContextAR: multi-conditional autoregressive image generation, judged by a knowledge checklist.
+
+ContextAR: arXiv 2505.12274 (https://arxiv.org/abs/2505.12274). The checklist score: WorldGenBench,
 arXiv 2505.01490 (https://arxiv.org/abs/2505.01490).
 
 One AR transformer reads [text][condition block]...[condition block][image] and predicts the image
@@ -10,7 +11,7 @@ gets the identity rotation, and a learnable type embedding tells the blocks apar
 see each other, are bidirectional inside, and the image sees the text, every present block and its
 own past; (3) training samples random condition subsets and drops all conditions and the text now
 and then (CFG). WorldGenBench scores an image by yes/no checklist items, many implied by world
-knowledge; here a pixel-rule judge, and implied toy-world rules (night => moon, winter => snow).
+knowledge; here a pixel-rule judge, and toy-world rules the text implies (night => moon).
 
 Key equations (symbols as in the code):
     angle(cell (r, c), pair i) = r f_i (i < n/2) or c f_(i-n/2) (i >= n/2),
@@ -24,92 +25,34 @@ Key equations (symbols as in the code):
     CFG: l = l_uncond + s (l_cond - l_uncond);   checklist score = satisfied items / all items
 
 Run:
-    python contextar.py               # 3 seeds: 8 combos, ceilings, needs-both subset, baseline
-    python contextar.py --ablate      # + no type embedding, 1-D RoPE, plain causal mask (1 seed)
-    python contextar.py --smoke       # the same code path at a tiny size, in seconds
+    python contextar.py              # 4 model seeds on both cores: 8 combos, ceilings, needs-both
+    python contextar.py --seeds 8 --out results/contextar/seeds8   # the wider run
+    python contextar.py --ablate     # + no type embedding, 1-D RoPE, plain causal mask
+    python contextar.py --smoke      # the same code path at a tiny size, in seconds
 
-Version 2: scenes that need both conditions, fidelity read against its ceiling. For each test
-scene and combo, ceiling() enumerates every layout of the prompt's shapes whose maps match what
-the combo shows, and takes the best expected fidelity of any single layout. E tells a square from
-a bar, so E plus the prompt pins most layouts; only two bars need both maps (E cannot say which bar
-is object 1, K cannot say how each bar lies). The test set therefore holds 96 scenes of every kind
-and 96 needs-both scenes (E and K ceilings < 1, E+K ceiling 1), drawn apart, 2 samples each; E+K
-is never trained on. Each object is a bar with probability 0.5 (p_bar).
-
-Re-run at the end on an otherwise idle core (one thread, default part only): 265 s wall,
-the same numbers.
-Result of `python contextar.py --ablate` (seeds 0, 1, 2; 2-core CPU shared with ~7 other jobs,
-load ~7, 1 thread; the default part took 272 s CPU (user + sys), over the 240 s budget, the whole
-run 519 s CPU / 1671 s wall; every sample at T = 1, no guidance; fid = fidelity, ceil = its
-ceiling, expl / impl = checklist items; left: 96 test scenes of every kind, right: the 96
-needs-both scenes x 2 samples; mean over seeds, worst seed):
-    combo         fid  worst  ceil  edge layer  keyp  bits  expl  impl | nb fid worst  ceil
-    E      seen  .679  .640  .863  .967  .534  .535  .088  .676  .984 |  .657  .637  .672
-    D      seen  .883  .673 1.000  .986  .836  .828  .051  .888  .988 |  .877  .660 1.000
-    K      seen  .720  .550  .912  .789  .576  .793  .146  .595  .984 |  .648  .482  .823
-    E+D    seen  .882  .661 1.000  .990  .827  .830  .052  .885  .990 |  .879  .643 1.000
-    D+K    seen  .888  .684 1.000  .988  .837  .840  .051  .896  .979 |  .881  .667 1.000
-    E+K  unseen  .832  .673 1.000  .955  .739  .802  .073  .762  .979 |  .830  .634 1.000
-    E+D+K unseen .890  .695 1.000  .987  .844  .839  .052  .885  .981 |  .878  .654 1.000
-    text   seen  .121  .097  .216  .197  .067  .097  .401  .476  .981 |  .087  .072  .124
-    uncond base  .087 (null text, no conditions: the CFG branch)
-Needs-both, unseen E+K minus the best single-condition ceiling (K, 0.823), per seed:
-    seed 0 -0.189 (se 0.022), seed 1 +0.081 (se 0.008), seed 2 +0.130 (se 0.007);
-    mean +0.008 +- 0.140. Seen pairs (mean of E+D, D+K) per seed: 0.673, 0.986, 0.997.
-Seed 0 never learned which colour is which object (every combo 0.63-0.70, edges right, layer and
-keypoint scores ~0.5); seeds 1 and 2 did, and there unseen E+K (0.904 / 0.953 on needs-both
-scenes) beats the best any single map allows (0.823) by 8 and 13 standard errors: the model
-combines E and K although it never saw them together. A development run of seed 3 (same training,
-48 needs-both scenes) bound colours too: seen pairs 0.987, needs-both E+K 0.936, margin +0.127.
-So: reproduced in 3 of 4 seeds, not in the mean of the 3 default seeds; the issue's goals "seen
-pairs >= 0.9 in every seed" and "mean margin >= 0.05" are not met (a margin > 0 in 2 of 3 is).
-KV-cache sampling (E+D+K, 8 scenes, greedy) against recomputing the sequence each step: 15.6x
-(median of 10.0, 16.3, 15.6; CPU time), identical tokens.
-Ablations (--ablate, seed 0 only, 600 steps each), fidelity on all scenes / needs-both E+K:
-    no type embedding  E .626  D .646  K .517  E+D .626  D+K .644  E+K .632  E+D+K .656 | .623
-    1-D RoPE (base 1e4) E .632 D .651  K .457  E+D .650  D+K .554  E+K .520  E+D+K .445 | .527
-    plain causal mask  E .615  D .632  K .588  E+D .679  D+K .692  E+K .696  E+D+K .695 | .687
-They are uninformative: seed 0 is the seed whose full model got stuck too (E+D 0.661), so every
-arm sits in the same no-binding basin; only 1-D RoPE is clearly worse (E+D+K 0.445). Rerunning
-them on a binding seed (--seed 1 --seeds 1 --ablate) did not fit in the time.
+Headline: the reference run of these defaults, results/contextar/results.md.
 
 Deviations from the paper (no official code was found):
 - Toy data: 8x8 drawn scenes, one token per cell (8 colours), not VQ tokens of MultiGen-20M images;
   conditions come from the scene's layout, not from canny / depth / pose detectors. A 3-layer
   width-64 decoder trained from scratch, not a retrained LlamaGen-XL.
-- The prompt is six words from a closed vocabulary, one token each, read by the decoder (LlamaGen:
-  FLAN-T5 features); the identity rotation gives text no position, so the slot is in the embedding
-  (see "Text embedding" below).
-- Image slot j holds x_(j-1) (a start token at j = 0) but sits at cell j, the cell it predicts, so
-  the query for cell j meets the conditions of cell j at offset 0.
+- Text: six words of a closed vocabulary, one learned vector per (slot, word), standing in for the
+  FLAN-T5 features LlamaGen reads, which carry each word's role (a word embedding plus a position
+  embedding leaves "object 2 -> the second colour" to a two-hop circuit that often never forms).
+- Half of each head's dimensions rotate (rotary_frac 0.5, as GPT-NeoX's rotary_pct): text keys are
+  unrotated, and with every pair rotated a query's score against a text token depends on its cell.
+- Image slot j holds x_(j-1) (a start token at j = 0) but sits at cell j, the cell it predicts.
 - One condition subset per batch (round-robin, no padding); CFG dropout per sample hides the blocks
-  from the image and swaps the text for a null token. The dense boolean mask saves no FLOPs (the
-  pair counts are printed).
+  from the image and swaps the text for a null token. The dense boolean mask saves no FLOPs.
 - The checklist judge is a set of pixel rules, not a vision-language model.
-- Text embedding: one learned vector per (slot, word) (text_emb), standing in for the FLAN-T5
-  features LlamaGen reads, which also carry each word's role. Version 1 added a word embedding to
-  a text-position embedding; an image query that averages the prompt then sees a bag of words, so
-  binding "object 2 -> the second colour" needs a selective two-hop circuit, and 2 of 5 seeds never
-  found it (seeds 3 and 4 re-checked here at 600 steps: stuck). With text_emb seed 3 binds, seed 0
-  still does not (see above).
-- Half of each head's dimensions are not rotated (rotary_frac = 0.5, as GPT-NeoX's rotary_pct):
-  text keys are unrotated, so with every pair rotated a query's score against a text token depends
-  on the query's own cell. Alone (with the version-1 text embedding) it left seed 3 stuck; with
-  text_emb it was not measured apart.
-- ceiling() takes the best single valid layout (an image that is no layout is not considered);
-  the text-only ceiling uses an evenly spaced 256 of the matching layouts.
-- The needs-both subset is drawn apart from the same generator (rejection on needs_both()); each
-  object is a bar with probability 0.5 so that training sees two-bar scenes often.
-- 600 steps of 16 scenes (version 1: 1040) and 2 samples per needs-both scene (the calibration
-  asked for 4), to bring three seeds near the CPU budget; the standard errors are reported.
 """
-
 import argparse
 import contextlib
 import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -117,25 +60,29 @@ import sys
 import time
 import typing
 
+import datasets
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import datasets
+from matplotlib.figure import Figure
 
 
 @dataclasses.dataclass
 class Config:
     """Train ContextAR on toy scenes; evaluate seen and unseen condition combos."""
 
-    steps: int = 600  # training steps per seed (and per arm)
-    seed: int = 0  # first random seed; the run uses seeds seed .. seed + seeds - 1
+    steps: int = 1200  # training steps per seed (and per arm)
+    seed: int = 0  # first model seed; the run trains seeds seed .. seed + seeds - 1
+    data_seed: int = 0  # seed of the training, test and needs-both scenes (fixed across seeds)
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     data: str = ""  # JSON lines with prompt and layout (see load_scenes); empty: built-in scenes
-    out: str = "runs/contextar"  # folder for results.json and contextar.png
+    out: str = "runs/contextar"  # folder for results.json, results.md and contextar.png
     smoke: bool = False  # the same code path at a tiny size, in seconds
+    workers: int = 0  # worker processes of one thread each (0: one per core; 1 on a GPU)
     log_every: int = 100  # steps between log lines
-    seeds: int = 3  # seeds to train and evaluate
+    probe_every: int = 50  # steps between readings of the binding probe
+    seeds: int = 4  # model seeds to train and evaluate (two rounds of jobs on two cores)
     batch: int = 16  # scenes per training step
     width: int = 64  # model width
     layers: int = 3  # transformer layers
@@ -152,17 +99,17 @@ class Config:
     n_eval: int = 96  # test scenes (all kinds) per condition combo
     n_needs_both: int = 96  # test scenes that need both E and K (two bars), drawn apart
     samples_per_scene: int = 2  # samples per needs-both scene and combo (T = temperature)
-    p_bar: float = 0.5  # probability that an object is a bar (two bars: E and K are both needed)
+    p_bar: float = 0.5  # probability that a drawn object is a bar (before rejecting bad layouts)
     ablate: bool = False  # also train no-type-embedding, 1-D RoPE and plain causal arms
 
     def __post_init__(self):
-        require(self.log_every > 0, f"--log-every {self.log_every}: must be positive")
-        positive = ("seeds", "batch", "width", "layers", "heads", "n_train", "n_eval",
-                    "n_needs_both", "samples_per_scene")
+        positive = ("log_every", "probe_every", "seeds", "batch", "width", "layers", "heads",
+                    "n_train", "n_eval", "n_needs_both", "samples_per_scene")
         for name in positive:
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} {value}: must be positive")
         require(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
+        require(self.workers >= 0, f"--workers {self.workers}: must be >= 0")
         require(self.width % (4 * self.heads) == 0,
                 f"--width {self.width}: must be a multiple of 4 * heads")
         require(self.lr > 0, f"--lr {self.lr}: must be positive")
@@ -178,6 +125,92 @@ class Config:
         require(self.cfg_scale >= 0, f"--cfg-scale {self.cfg_scale}: must be >= 0")
         require(self.temperature >= 0,
                 f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+
+
+# --- the paper's method ---
+
+
+def build_attention_mask(block_types, block_len, text_len):
+    """Conditional context-aware mask for [text][block 1]..[block N][image], (S, S), True = may
+    attend: text -> text; block b -> text and block b (both ways); image i -> text, every block,
+    image m <= i. Blocks never see each other, so a block's states do not depend on the others."""
+    n = len(block_types)
+    S = text_len + (n + 1) * block_len
+    blocks = torch.arange(n + 1).repeat_interleave(block_len)  # n = the image
+    segment = torch.cat([torch.full((text_len,), -1), blocks])  # (S,) -1 = text
+    q = segment[:, None]  # (S, 1) the query's segment
+    k = segment[None, :]  # (1, S) the key's segment
+    idx = torch.arange(S)
+    mask = k == -1  # every token sees the text
+    mask = mask | ((q == k) & (q < n))  # a block sees itself, bidirectionally
+    mask = mask | ((q == n) & (k >= 0) & (k < n))  # the image sees every condition block
+    mask = mask | ((q == n) & (k == n) & (idx[None, :] <= idx[:, None]))  # image: causal
+    return mask  # (S, S)
+
+
+def rope_2d(rows, cols, is_text, head_dim, base):
+    """2-D RoPE tables cos, sin (S, head_dim / 2): the first half of the rotary pairs turns with
+    the token's row, the second half with its column; text tokens get the identity rotation.
+    angle(r, c, pair i) = r f_i (i < n/2), c f_(i - n/2) (i >= n/2), f_i = base^(-i / (n/2)),
+    so q_j . k_m depends only on (r_j - r_m, c_j - c_m): every block meets the image at offset 0."""
+    if rows.dim() != 1 or rows.shape != cols.shape or rows.shape != is_text.shape:
+        raise ValueError(f"rows, cols, is_text must be (S,): {rows.shape} {cols.shape} "
+                         f"{is_text.shape}")
+    if head_dim % 4 != 0:
+        raise ValueError(f"head_dim {head_dim}: must be a multiple of 4 (two axes, pairs)")
+    n = head_dim // 2  # rotary pairs
+    freqs = base ** (-torch.arange(n // 2, dtype=torch.float32) / (n // 2))  # (n/2,)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], 1)  # (S, n)
+    angles = torch.where(is_text[:, None], torch.zeros_like(angles), angles)  # text: angle 0
+    return angles.cos(), angles.sin()
+
+
+def rope_1d(S, head_dim, base):
+    """Plain sequence RoPE (the ablation): cos, sin (S, head_dim / 2), angle(j, i) = j f_i,
+    f_i = base^(-i/n)."""
+    n = head_dim // 2
+    freqs = base ** (-torch.arange(n, dtype=torch.float32) / n)  # (n,)
+    angles = torch.arange(S, dtype=torch.float32)[:, None] * freqs  # (S, n)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x_i, x_(i+n)) by their token's angle. x (..., T, 2n), cos/sin (T, n)."""
+    if cos.shape != sin.shape or x.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
+        raise ValueError(f"x {tuple(x.shape)} does not fit cos/sin {tuple(cos.shape)}")
+    x1, x2 = x.chunk(2, -1)  # each (..., T, n)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def type_embedding(type_ids, table):
+    """The learnable condition-type embedding, added to every token of a condition block so that
+    blocks sharing one vocabulary can be told apart. type_ids (T,) with 0 = no condition (text,
+    image: adds nothing), 1 + i = type i; table (1 + n_types, d) -> (T, d)."""
+    if type_ids.dim() != 1 or table.dim() != 2:
+        raise ValueError(f"type_ids must be (T,), table (n, d): {type_ids.shape} {table.shape}")
+    is_condition = (type_ids > 0).to(table.dtype)  # (T,)
+    return table[type_ids] * is_condition[:, None]  # (T, d)
+
+
+def cfg_dropout_mask(mask, drop, text_len, n_image):
+    """Classifier-free guidance training: for the samples with drop = True the image queries lose
+    sight of every condition block (their text is swapped for the null token by the caller).
+    mask (S, S), drop (B,) bool -> (B, 1, S, S), one mask per sample (broadcast over heads)."""
+    if mask.dim() != 2 or drop.dim() != 1:
+        raise ValueError(f"mask must be (S, S), drop (B,): {mask.shape} {drop.shape}")
+    S = mask.shape[0]
+    pos = torch.arange(S, device=mask.device)
+    image_query = (pos >= S - n_image)[None, :, None]  # (1, S, 1)
+    cond_key = ((pos >= text_len) & (pos < S - n_image))[None, None, :]  # (1, 1, S)
+    hidden = drop[:, None, None] & image_query & cond_key  # (B, S, S)
+    return (mask[None] & ~hidden)[:, None]  # (B, 1, S, S)
+
+
+def cfg_logits(cond, uncond, scale):
+    """Classifier-free guidance: l = l_uncond + s (l_cond - l_uncond); s = 1 gives l_cond."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ")
+    return uncond + scale * (cond - uncond)
 
 
 # --- data ---
@@ -206,8 +239,6 @@ SHAPE_CELLS = {("square", 0): SQUARE_CELLS,
                ("bar", 0): [(0, -1), (0, 0), (0, 1)],
                ("bar", 1): [(-1, 0), (0, 0), (1, 0)]}
 OBJ_ROWS = (2, 6)  # objects in rows 2..6: the moon (rows 0..1) and the ground (row 7) stay clear
-
-
 def encode_prompt(prompt):
     """Six words -> six text ids: a closed word vocabulary, one token per word."""
     words = prompt.split()
@@ -330,6 +361,7 @@ def load_scenes(cfg, rng):
     return make_dataset(pairs[:cut]), make_dataset(pairs[cut:])
 
 
+
 # --- model ---
 
 NULL_TEXT = len(WORDS)  # the text token of a dropped prompt (CFG)
@@ -387,40 +419,49 @@ def build_tokens(text, cond, image, combo):
     return torch.cat([text] + blocks + [shifted], 1)  # (B, S)
 
 
+@dataclasses.dataclass
+class KVCache:
+    """One layer's keys and values so far, each (B, n_head, T_past, hs); empty before prefill."""
+    k: typing.Optional[torch.Tensor] = None
+    v: typing.Optional[torch.Tensor] = None
+
+    def append(self, k, v):
+        """Add this step's keys and values (B, n_head, T, hs); return all of them so far."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k = k
+        self.v = v
+        return k, v
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block; attention with RoPE on q and k and an optional KV cache."""
+    """Pre-LN transformer block: x + attention(ln_1(x)), then x + mlp(ln_2(x)); RoPE on q and k."""
 
-    def __init__(self, d, heads):
+    def __init__(self, n_embd, n_head):
         super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(d)
-        self.ln2 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
 
-    def forward(self, x, cos, sin, mask, cache):
-        B, T, d = x.shape
-        qkv = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads)  # (B, T, 3, h, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, T, hd)
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)  # (B, T, D) each
+        q = q.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if cache is not None:
-            if cache.k is not None:
-                k = torch.cat([cache.k, k], 2)  # (B, h, T_past + T, hd)
-                v = torch.cat([cache.v, v], 2)
-            cache.k = k
-            cache.v = v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
-        return x + self.mlp(self.ln2(x))
-
-
-@dataclasses.dataclass
-class KVCache:
-    """One layer's keys and values so far, each (B, h, T_past, hd); None before the prefill."""
-    k: typing.Optional[torch.Tensor] = None
-    v: typing.Optional[torch.Tensor] = None
+            k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln_2(x))
 
 
 class ContextAR(nn.Module):
@@ -429,19 +470,19 @@ class ContextAR(nn.Module):
 
     def __init__(self, cfg, rope="2d", mask="context", type_emb=True):
         super().__init__()
-        d = cfg.width
+        n_embd = cfg.width
         self.rope = rope
         self.mask_kind = mask
         self.use_type = type_emb
-        self.head_dim = d // cfg.heads
+        self.head_dim = n_embd // cfg.heads
         self.rotary_dims = int(cfg.rotary_frac * self.head_dim)
         self.base = cfg.rope_base if rope == "2d" else cfg.rope_base_1d
-        self.tok = nn.Embedding(VOCAB, d)
-        self.type_table = nn.Parameter(torch.randn(1 + len(COND_TYPES), d))  # row 0 is unused
-        self.text_emb = nn.Embedding(TEXT_LEN * N_TEXT_IDS, d)  # one vector per (slot, word)
-        self.blocks = nn.ModuleList(Block(d, cfg.heads) for _ in range(cfg.layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, N_COLOURS)
+        self.tok = nn.Embedding(VOCAB, n_embd)
+        self.type_table = nn.Parameter(torch.randn(1 + len(COND_TYPES), n_embd))  # row 0 unused
+        self.text_emb = nn.Embedding(TEXT_LEN * N_TEXT_IDS, n_embd)  # one vector per (slot, word)
+        self.blocks = nn.ModuleList(Block(n_embd, cfg.heads) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, N_COLOURS)
         self.layouts = {}
 
     def layout(self, combo):
@@ -452,15 +493,15 @@ class ContextAR(nn.Module):
         return self.layouts[combo]
 
     def hidden(self, tokens, combo, start=0, mask=None, caches=None):
-        """Hidden states (B, T, d) of tokens at sequence positions start .. start+T-1 of combo."""
+        """Hidden states (B, T, D) of tokens at sequence positions start .. start+T-1 of combo."""
         lay = self.layout(combo)
         at = slice(start, start + tokens.shape[1])
         slot = lay.text_pos[at]  # (T,) 1..6 on the text, 0 elsewhere
         text_ids = (slot - 1).clamp(min=0) * N_TEXT_IDS + tokens.clamp(max=N_TEXT_IDS - 1)
         is_text = (slot > 0)[None, :, None]  # (1, T, 1)
-        x = torch.where(is_text, self.text_emb(text_ids), self.tok(tokens))  # (B, T, d)
+        x = torch.where(is_text, self.text_emb(text_ids), self.tok(tokens))  # (B, T, D)
         if self.use_type:
-            x = x + type_embedding(lay.types[at], self.type_table)  # (B, T, d)
+            x = x + type_embedding(lay.types[at], self.type_table)  # (B, T, D)
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
             x = block(x, lay.cos[at], lay.sin[at], mask, cache)
@@ -470,146 +511,6 @@ class ContextAR(nn.Module):
         return self.head(self.ln_f(h))  # (B, T, 8)
 
 
-# --- the paper's method ---
-
-
-def build_attention_mask(block_types, block_len, text_len):
-    """Conditional context-aware mask for [text][block 1]..[block N][image], (S, S), True = may
-    attend: text -> text; block b -> text and block b (both ways); image i -> text, every block,
-    image m <= i. Blocks never see each other, so a block's states do not depend on the others."""
-    n = len(block_types)
-    S = text_len + (n + 1) * block_len
-    blocks = torch.arange(n + 1).repeat_interleave(block_len)  # n = the image
-    segment = torch.cat([torch.full((text_len,), -1), blocks])  # (S,) -1 = text
-    q = segment[:, None]  # (S, 1) the query's segment
-    k = segment[None, :]  # (1, S) the key's segment
-    idx = torch.arange(S)
-    mask = k == -1  # every token sees the text
-    mask = mask | ((q == k) & (q < n))  # a block sees itself, bidirectionally
-    mask = mask | ((q == n) & (k >= 0) & (k < n))  # the image sees every condition block
-    mask = mask | ((q == n) & (k == n) & (idx[None, :] <= idx[:, None]))  # image: causal
-    return mask  # (S, S)
-
-
-def rope_2d(rows, cols, is_text, head_dim, base):
-    """2-D RoPE tables cos, sin (S, head_dim / 2): the first half of the rotary pairs turns with
-    the token's row, the second half with its column; text tokens get the identity rotation.
-    angle(r, c, pair i) = r f_i (i < n/2), c f_(i - n/2) (i >= n/2), f_i = base^(-i / (n/2)),
-    so q_j . k_m depends only on (r_j - r_m, c_j - c_m): every block meets the image at offset 0."""
-    if rows.dim() != 1 or rows.shape != cols.shape or rows.shape != is_text.shape:
-        raise ValueError(f"rows, cols, is_text must be (S,): {rows.shape} {cols.shape} "
-                         f"{is_text.shape}")
-    if head_dim % 4 != 0:
-        raise ValueError(f"head_dim {head_dim}: must be a multiple of 4 (two axes, pairs)")
-    n = head_dim // 2  # rotary pairs
-    freqs = base ** (-torch.arange(n // 2, dtype=torch.float32) / (n // 2))  # (n/2,)
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], 1)  # (S, n)
-    angles = torch.where(is_text[:, None], torch.zeros_like(angles), angles)  # text: angle 0
-    return angles.cos(), angles.sin()
-
-
-def rope_1d(S, head_dim, base):
-    """Plain sequence RoPE (the ablation): cos, sin (S, head_dim / 2), angle(j, i) = j f_i,
-    f_i = base^(-i/n)."""
-    n = head_dim // 2
-    freqs = base ** (-torch.arange(n, dtype=torch.float32) / n)  # (n,)
-    angles = torch.arange(S, dtype=torch.float32)[:, None] * freqs  # (S, n)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate the pairs (x_i, x_(i+n)) by their token's angle. x (..., T, 2n), cos/sin (T, n)."""
-    if cos.shape != sin.shape or x.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
-        raise ValueError(f"x {tuple(x.shape)} does not fit cos/sin {tuple(cos.shape)}")
-    x1, x2 = x.chunk(2, -1)  # each (..., T, n)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
-
-
-def type_embedding(type_ids, table):
-    """The learnable condition-type embedding, added to every token of a condition block so that
-    blocks sharing one vocabulary can be told apart. type_ids (T,) with 0 = no condition (text,
-    image: adds nothing), 1 + i = type i; table (1 + n_types, d) -> (T, d)."""
-    if type_ids.dim() != 1 or table.dim() != 2:
-        raise ValueError(f"type_ids must be (T,), table (n, d): {type_ids.shape} {table.shape}")
-    is_condition = (type_ids > 0).to(table.dtype)  # (T,)
-    return table[type_ids] * is_condition[:, None]  # (T, d)
-
-
-def cfg_dropout_mask(mask, drop, text_len, n_image):
-    """Classifier-free guidance training: for the samples with drop = True the image queries lose
-    sight of every condition block (their text is swapped for the null token by the caller).
-    mask (S, S), drop (B,) bool -> (B, 1, S, S), one mask per sample (broadcast over heads)."""
-    if mask.dim() != 2 or drop.dim() != 1:
-        raise ValueError(f"mask must be (S, S), drop (B,): {mask.shape} {drop.shape}")
-    S = mask.shape[0]
-    pos = torch.arange(S, device=mask.device)
-    image_query = (pos >= S - n_image)[None, :, None]  # (1, S, 1)
-    cond_key = ((pos >= text_len) & (pos < S - n_image))[None, None, :]  # (1, 1, S)
-    hidden = drop[:, None, None] & image_query & cond_key  # (B, S, S)
-    return (mask[None] & ~hidden)[:, None]  # (B, 1, S, S)
-
-
-def cfg_logits(cond, uncond, scale):
-    """Classifier-free guidance: l = l_uncond + s (l_cond - l_uncond); s = 1 gives l_cond."""
-    if cond.shape != uncond.shape:
-        raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ")
-    return uncond + scale * (cond - uncond)
-
-
-# --- training ---
-
-TRAIN_COMBOS = ((), ("E",), ("D",), ("K",), ("E", "D"), ("D", "K"))
-EVAL_COMBOS = {"E": ("E",), "D": ("D",), "K": ("K",), "E+D": ("E", "D"), "D+K": ("D", "K"),
-               "E+K": ("E", "K"), "E+D+K": ("E", "D", "K"), "text": ()}
-UNSEEN = ["E+K", "E+D+K"]
-
-
-def image_nll(model, text, cond, image, combo, mask=None):
-    """Teacher-forced -log p(x_j | text, conditions, x_<j) per image token, in nats. (B, 64)."""
-    tokens = build_tokens(text, cond, image, combo)  # (B, S)
-    mask = model.layout(combo).mask if mask is None else mask
-    h = model.hidden(tokens, combo, mask=mask)[:, -CELLS:]  # (B, 64, d)
-    logits = model.logits(h).float()  # (B, 64, 8)
-    nll = F.cross_entropy(logits.flatten(0, 1), image.flatten(), reduction="none")  # (B * 64,)
-    return nll.view(image.shape)
-
-
-def train(model, data, cfg, device):
-    """Each step: one condition subset (round-robin over TRAIN_COMBOS), a batch of scenes, and
-    CFG dropout per sample (null text, condition blocks hidden from the image)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    start = time.time()
-    n_tokens = 0
-    for step in range(cfg.steps):
-        combo = TRAIN_COMBOS[step % len(TRAIN_COMBOS)]
-        idx = torch.randint(len(data["image"]), (cfg.batch,))
-        text = data["text"][idx].to(device)  # (B, 6)
-        cond = data["cond"][idx].to(device)  # (B, 3, 64)
-        image = data["image"][idx].to(device)  # (B, 64)
-        drop = torch.rand(cfg.batch, device=device) < cfg.p_uncond  # (B,)
-        text = torch.where(drop[:, None], torch.full_like(text, NULL_TEXT), text)
-        lay = model.layout(combo)
-        lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(device):
-            mask = cfg_dropout_mask(lay.mask, drop, TEXT_LEN, CELLS)  # (B, 1, S, S)
-            loss = image_nll(model, text, cond, image, combo, mask).mean()
-        check_finite(step, loss=loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        n_tokens += cfg.batch * lay.S
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log_progress(step + 1, cfg.steps, start, bits_per_token=loss.item() / math.log(2),
-                         combo="+".join(combo) or "text", lr=lr,
-                         tokens_per_s=n_tokens / (time.time() - start))
-
-
-# --- evaluation ---
-
-
 @dataclasses.dataclass
 class Branch:
     """One sampling stream: the conditional one, or CFG's unconditional one (null text, no
@@ -617,7 +518,7 @@ class Branch:
     text: torch.Tensor  # (B, 6)
     combo: tuple  # the condition blocks this stream reads
     prefix: int  # tokens before image slot 1: text, blocks, SOI
-    caches: typing.Optional[list]  # one KVCache per layer, or None (recompute every step)
+    caches: typing.Optional[list]  # one KVCache per block, or None (recompute every step)
     logits: torch.Tensor  # (B, 8) logits of the next image token
 
 
@@ -646,8 +547,9 @@ def advance_branch(model, branch, cond, image, j):
 
 @torch.no_grad()
 def sample(model, text, cond, combo, temperature, cfg_scale, gen, use_cache=True):
-    """64 image tokens (B, 64), one a step; temperature 0 = greedy. With cfg_scale != 1 a second,
-    unconditional branch runs beside the conditional one and the two logits are combined (CFG)."""
+    """64 image tokens (B, 64): prefill the prompt with one KVCache per block, then one token a
+    step; temperature 0 = greedy. With cfg_scale != 1 a second, unconditional branch runs beside
+    the conditional one and the two logits are combined (CFG)."""
     image = torch.zeros(text.shape[0], CELLS, dtype=torch.long, device=text.device)
     branches = [start_branch(model, text, cond, image, combo, use_cache)]
     if cfg_scale != 1:
@@ -667,6 +569,110 @@ def sample(model, text, cond, combo, temperature, cfg_scale, gen, use_cache=True
             for branch in branches:
                 advance_branch(model, branch, cond, image, j)
     return image
+
+
+# --- training ---
+
+TRAIN_COMBOS = ((), ("E",), ("D",), ("K",), ("E", "D"), ("D", "K"))
+EVAL_COMBOS = {"E": ("E",), "D": ("D",), "K": ("K",), "E+D": ("E", "D"), "D+K": ("D", "K"),
+               "E+K": ("E", "K"), "E+D+K": ("E", "D", "K"), "text": ()}
+UNSEEN = ["E+K", "E+D+K"]
+
+
+def image_nll(model, text, cond, image, combo, mask=None):
+    """Teacher-forced -log p(x_j | text, conditions, x_<j) per image token, in nats. (B, 64)."""
+    tokens = build_tokens(text, cond, image, combo)  # (B, S)
+    mask = model.layout(combo).mask if mask is None else mask
+    h = model.hidden(tokens, combo, mask=mask)[:, -CELLS:]  # (B, 64, D)
+    logits = model.logits(h).float()  # (B, 64, 8)
+    nll = F.cross_entropy(logits.flatten(0, 1), image.flatten(), reduction="none")  # (B * 64,)
+    return nll.view(image.shape)
+
+
+def get_lr(step, total, lr, warmup):
+    """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
+    # 1) linear warm-up from lr / warmup to lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    # 2) cosine decay from lr (progress 0) to lr / 10 (progress 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+
+
+def colour_ids(text):
+    """Palette ids (N, 2) of the two objects from the text ids (N, 6)."""
+    first_colour_word = WORDS.index(COLOURS[0])
+    return FIRST_COLOUR + text[:, [2, 4]] - first_colour_word
+
+
+def binding_probe(logits, layers, colours):
+    """Has the model bound each colour word to its object? The share of objects whose first cell
+    (raster order) prefers the object's own colour to the other object's, teacher-forced.
+    logits (N, 64, 8), layers (N, 64) in {0, 1, 2}, colours (N, 2) palette ids -> float."""
+    if logits.shape[:2] != layers.shape or colours.shape != (layers.shape[0], 2):
+        raise ValueError(f"logits (N, 64, 8), layers (N, 64), colours (N, 2): {logits.shape} "
+                         f"{layers.shape} {colours.shape}")
+    rows = torch.arange(layers.shape[0])
+    hits = []
+    for k in (1, 2):
+        first = (layers == k).long().argmax(1)  # (N,) the first cell of object k
+        at = logits[rows, first]  # (N, 8)
+        own = at[rows, colours[:, k - 1]]  # (N,)
+        other = at[rows, colours[:, 2 - k]]  # (N,)
+        hits.append(own > other)
+    return torch.cat(hits).float().mean().item()
+
+
+@torch.no_grad()
+def measure_binding(model, data, device):
+    """The binding probe on the data's scenes with the layer map D alone (it shows where each
+    object is, not which colour it has)."""
+    tokens = build_tokens(data["text"], data["cond"], data["image"], ("D",)).to(device)  # (N, S)
+    h = model.hidden(tokens, ("D",), mask=model.layout(("D",)).mask)[:, -CELLS:]  # (N, 64, D)
+    logits = model.logits(h).cpu()  # (N, 64, 8)
+    return binding_probe(logits, data["cond"][:, 1], colour_ids(data["text"]))
+
+
+def train(model, data, probe_data, cfg, device, **ident):
+    """Each step: one condition subset (round-robin over TRAIN_COMBOS), a batch of scenes, and
+    CFG dropout per sample (null text, condition blocks hidden from the image). Returns the
+    binding probe on probe_data over training, [{step, probe}]."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start = time.time()
+    n_tokens = 0
+    probes = [{"step": 0, "probe": measure_binding(model, probe_data, device)}]
+    for step in range(cfg.steps):
+        combo = TRAIN_COMBOS[step % len(TRAIN_COMBOS)]
+        idx = torch.randint(len(data["image"]), (cfg.batch,))
+        text = data["text"][idx].to(device)  # (B, 6)
+        cond = data["cond"][idx].to(device)  # (B, 3, 64)
+        image = data["image"][idx].to(device)  # (B, 64)
+        drop = torch.rand(cfg.batch, device=device) < cfg.p_uncond  # (B,)
+        text = torch.where(drop[:, None], torch.full_like(text, NULL_TEXT), text)
+        lay = model.layout(combo)
+        lr = get_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        mask = cfg_dropout_mask(lay.mask, drop, TEXT_LEN, CELLS)  # (B, 1, S, S)
+        loss = image_nll(model, text, cond, image, combo, mask).mean()
+        if not math.isfinite(loss.item()):  # stop at once, naming the step and the term
+            raise NonFinite(f"step {step}: loss is {loss.item()}; stopping")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        n_tokens += cfg.batch * lay.S
+        done = step + 1
+        if done % cfg.probe_every == 0 or done == cfg.steps:
+            probes.append({"step": done, "probe": measure_binding(model, probe_data, device)})
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log_progress(done, cfg.steps, start, **ident, bits_per_token=loss.item() / math.log(2),
+                         combo="+".join(combo) or "text", lr=lr, probe=probes[-1]["probe"],
+                         tokens_per_s=n_tokens / (time.time() - start))
+    return probes
+
+
+# --- the study: evaluation, ceilings, seeds (a reader who came for the method may stop here) ---
 
 
 def object_labels(images, colour_ids):
@@ -773,12 +779,6 @@ def standard_error(values):
     return values.std().item() / math.sqrt(len(values))
 
 
-def colour_ids(text):
-    """Palette ids (N, 2) of the two objects from the text ids (N, 6)."""
-    first_colour_word = WORDS.index(COLOURS[0])
-    return FIRST_COLOUR + text[:, [2, 4]] - first_colour_word
-
-
 @torch.no_grad()
 def evaluate(model, data, combo, cfg, device, gen, null=False, group=1):
     """All metrics of one combo on the test scenes (null: no text, no conditions) -> (metrics,
@@ -789,10 +789,9 @@ def evaluate(model, data, combo, cfg, device, gen, null=False, group=1):
     image = data["image"].to(device)
     if null:
         text = torch.full_like(text, NULL_TEXT)
-    with autocast(device):
-        nll = torch.cat([image_nll(model, text[i:i + 64], cond[i:i + 64], image[i:i + 64], combo)
-                         for i in range(0, len(text), 64)])  # (N, 64)
-        samples = sample(model, text, cond, combo, cfg.temperature, cfg.cfg_scale, gen).cpu()
+    nll = torch.cat([image_nll(model, text[i:i + 64], cond[i:i + 64], image[i:i + 64], combo)
+                     for i in range(0, len(text), 64)])  # (N, 64)
+    samples = sample(model, text, cond, combo, cfg.temperature, cfg.cfg_scale, gen).cpu()
     labels = object_labels(samples, colour_ids(data["text"]))  # (N, 64)
     parts = fidelity_parts(labels, data["cond"][:, 1], data["cond"][:, 0].bool(), data["keys"])
     per_scene = fidelity(parts).view(-1, group).mean(1)  # (N / group,)
@@ -909,7 +908,8 @@ def repeat_rows(data, k):
 
 def kv_cache_speedup(model, data, device, n=8, repeats=3):
     """Greedy E+D+K samples with the KV cache vs recomputing the sequence each step:
-    (speed-up of each repeat, identical tokens in every repeat?)."""
+    {kv_cache_speedup_repeats: speed-up of each repeat, kv_cache_identical: the same tokens in
+    every repeat?}."""
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     text = data["text"][:n].to(device)
     cond = data["cond"][:n].to(device)
@@ -920,67 +920,107 @@ def kv_cache_speedup(model, data, device, n=8, repeats=3):
         outs = []
         for use_cache in (True, False):
             t0 = clock()
-            with autocast(device):
-                outs.append(sample(model, text, cond, COND_TYPES, 0.0, 1.0, None, use_cache).cpu())
+            outs.append(sample(model, text, cond, COND_TYPES, 0.0, 1.0, None, use_cache).cpu())
             seconds.append(clock() - t0)
         ratios.append(seconds[1] / max(seconds[0], 1e-9))
         identical = identical and bool(torch.equal(outs[0], outs[1]))
-    return ratios, identical
+    return {"kv_cache_speedup_repeats": ratios, "kv_cache_identical": identical}
 
 
-def plot(path, data, shown, needs, rows=6):
-    """The headline figure. Left: needs-both test scenes (rows); columns: the true image, its E
-    and K maps, then one sample per entry of `shown` (name -> samples (N, 64)). Right: fidelity
-    on the needs-both scenes per combo (bars: mean over seeds, dots: seeds) beside its ceiling."""
-    px = 5
-    gap = 4
-    size = W * px + gap
-    palette = np.array(RGB, np.uint8)
-    rows = min(rows, len(data["image"]))
-    names = ["true", "E map", "K map"] + list(shown)
-    grid = np.full((rows * size + gap, len(names) * size + gap, 3), 255, np.uint8)
-    for r in range(rows):
-        maps = [data["cond"][r, 0].numpy() * 255, data["cond"][r, 2].numpy() * 127]
-        tiles = [palette[data["image"][r].numpy()]]
-        tiles += [np.repeat(m.astype(np.uint8)[:, None], 3, 1) for m in maps]
-        tiles += [palette[s[r].numpy()] for s in shown.values()]
-        for c, tile in enumerate(tiles):
-            y = gap + r * size
-            x = gap + c * size
-            grid[y:y + W * px, x:x + W * px] = tile.reshape(W, W, 3).repeat(px, 0).repeat(px, 1)
-    fig, axes = new_figure(2, width=5.2, height=4.2)
-    axes[0].imshow(grid)
-    axes[0].set_xticks([gap + c * size + W * px / 2 for c in range(len(names))])
-    axes[0].set_xticklabels(names, fontsize=7, rotation=30)
-    axes[0].set_yticks([])
-    axes[0].set_title("needs-both scenes: samples at T = 1 (first seed)", fontsize=9)
-    combos = list(EVAL_COMBOS)
-    x = np.arange(len(combos))
-    axes[1].bar(x, [needs["fidelity"][c] for c in combos], color="tab:blue", alpha=0.6,
-                label="fidelity (mean over seeds)")
-    for i, combo in enumerate(combos):
-        seeds = needs["fidelity_per_seed"][combo]
-        axes[1].plot([i] * len(seeds), seeds, "k.", markersize=4)
-    axes[1].plot(x, [needs["ceiling"][c] for c in combos], "r_", markersize=18, mew=2,
-                 label="ceiling (enumeration)")
-    axes[1].axhline(needs["best_single_ceiling"], color="r", ls=":", lw=1,
-                    label="best single-condition ceiling")
-    axes[1].set_xticks(x)
-    axes[1].set_xticklabels(combos, fontsize=8)
-    axes[1].set_ylim(0, 1.05)
-    axes[1].set_ylabel("fidelity (mean of edge F1, layer acc., keypoint hit)")
-    axes[1].set_title(f"{needs['n_scenes']} needs-both test scenes, "
-                      f"{needs['samples_per_scene']} samples each", fontsize=9)
-    axes[1].legend(fontsize=7, loc="lower right")
-    save_figure(fig, path)
+
+class SceneSets(typing.NamedTuple):
+    """The scenes of one data seed: training pool, test scenes of every kind, needs-both scenes."""
+    train: dict
+    test: dict
+    needs: dict
 
 
-# --- main ---
+SCENE_SETS = {}  # data key -> SceneSets, built once per process (forked workers inherit them)
+
+
+def scene_sets(cfg):
+    """The scenes of cfg.data_seed (or the --data rows): the same sets whatever the model seed."""
+    key = (cfg.data, cfg.data_seed, cfg.n_train, cfg.n_eval, cfg.n_needs_both, cfg.p_bar)
+    if key not in SCENE_SETS:
+        rng = np.random.default_rng(cfg.data_seed)
+        train_set, test_set = load_scenes(cfg, rng)
+        needs = needs_both_scenes(test_set if cfg.data else None, rng, cfg.n_needs_both,
+                                  cfg.p_bar)
+        require(len(needs["prompts"]) > 0,
+                "no test scene needs both E and K: use more test rows with two bars")
+        SCENE_SETS[key] = SceneSets(train_set, test_set, needs)
+    return SCENE_SETS[key]
+
+
+def data_facts(sets):
+    """How the test scenes relate to training: the share of bars among drawn objects, and how many
+    needs-both scenes repeat a training scene (same prompt and maps) or its layer map."""
+    shapes = [p.split()[3::2] for p in sets.train["prompts"]]  # [shape 1, shape 2] per scene
+    bars = [s.count("bar") for s in shapes]
+    train_scenes = {p + bytes(c.numpy()).hex() for p, c in
+                    zip(sets.train["prompts"], sets.train["cond"])}
+    train_layers = {bytes(c.numpy()) for c in sets.train["cond"][:, 1]}
+    needs = sets.needs
+    repeats = [p + bytes(c.numpy()).hex() in train_scenes for p, c in
+               zip(needs["prompts"], needs["cond"])]
+    layers_seen = [bytes(c.numpy()) in train_layers for c in needs["cond"][:, 1]]
+    return {"train_bar_share": float(np.mean(bars)) / 2,
+            "train_bar_bar_share": float(np.mean([b == 2 for b in bars])),
+            "needs_both_bar_bar": sum(s.split()[3::2] == ["bar", "bar"] for s in needs["prompts"]),
+            "needs_both_repeating_a_training_scene": int(sum(repeats)),
+            "needs_both_layer_map_in_training": int(sum(layers_seen))}
+
+
+class Ceilings(typing.NamedTuple):
+    """The mean ceiling of every combo on the test scenes and on the needs-both scenes."""
+    test: dict
+    needs: dict
+
 
 ARMS = {"full": {}, "no_type": {"type_emb": False}, "rope_1d": {"rope": "1d"},
         "causal": {"mask": "causal"}}
-KEYS = ("edge_f1", "depth_acc", "keypoint_hit", "fidelity", "bits_per_token",
-        "checklist_explicit", "checklist_implicit")
+SHOWN = ("E", "K", "E+K", "text")  # the combos whose samples the figure shows
+SHOWN_ROWS = 6  # needs-both scenes in the figure
+
+
+class Job(typing.NamedTuple):
+    """One training: an arm of the model with one model seed."""
+    cfg: Config
+    seed: int
+    arm: str
+
+
+def run_job(job):
+    """Train one arm with one model seed on the data seed's scenes and evaluate every combo on the
+    test scenes and the needs-both scenes -> plain data (metrics, probe, a few samples, CPU s)."""
+    cfg = job.cfg
+    cpu_start = time.process_time()
+    device = pick_device(cfg.device)
+    sets = scene_sets(cfg)
+    set_seed(job.seed)  # every arm: the same initial draw (where shapes agree) and the same batches
+    model = ContextAR(cfg, **ARMS[job.arm]).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"arm {job.arm}, seed {job.seed}: {n_params} parameters")
+    probes = train(model.train(), sets.train, sets.test, cfg, device, arm=job.arm, seed=job.seed)
+    train_cpu = time.process_time() - cpu_start
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(job.seed + 1)
+    k = cfg.samples_per_scene
+    needs = repeat_rows(sets.needs, k)
+    out = {"seed": job.seed, "arm": job.arm, "binding_probe": probes, "test": {},
+           "needs_both": {}, "shown": {}}
+    for name, combo in EVAL_COMBOS.items():
+        out["test"][name] = evaluate(model, sets.test, combo, cfg, device, gen)[0]
+    for name, combo in EVAL_COMBOS.items():
+        metrics, samples = evaluate(model, needs, combo, cfg, device, gen, group=k)
+        out["needs_both"][name] = metrics
+        out["shown"][name] = samples[::k][:SHOWN_ROWS].tolist()
+    out["test"]["uncond"] = evaluate(model, sets.test, (), cfg, device, gen, null=True)[0]
+    if job.arm == "full" and job.seed == cfg.seed:
+        out.update(kv_cache_speedup(model, sets.test, device))
+    out["train_cpu_time_s"] = train_cpu
+    out["cpu_time_s"] = time.process_time() - cpu_start
+    return out
 
 
 def mean_over_seeds(per_seed):
@@ -996,9 +1036,11 @@ def mean_over_seeds(per_seed):
 
 
 def needs_both_summary(per_seed, n_scenes, k, ceilings):
-    """The needs-both block of results.json from the per-seed metrics of every combo there."""
+    """The needs-both block of results.json from the per-seed metrics of every combo there. The
+    margin of a seed: its E+K fidelity minus the larger single-condition ceiling (E or K)."""
     best_single = max(ceilings["E"], ceilings["K"])
     margins = [one_seed["E+K"]["fidelity"] - best_single for one_seed in per_seed]
+    margin_std = float(np.std(margins, ddof=1)) if len(margins) > 1 else 0.0
     return {"n_scenes": n_scenes, "samples_per_scene": k,
             "fidelity": {c: float(np.mean([m[c]["fidelity"] for m in per_seed])) for c in ceilings},
             "fidelity_min_seed": {c: min(m[c]["fidelity"] for m in per_seed) for c in ceilings},
@@ -1006,312 +1048,453 @@ def needs_both_summary(per_seed, n_scenes, k, ceilings):
             "ceiling": ceilings, "best_single_ceiling": best_single,
             "margin_per_seed": margins,
             "margin_se_per_seed": [one_seed["E+K"]["fidelity_se"] for one_seed in per_seed],
-            "margin_mean": float(np.mean(margins)), "margin_std": float(np.std(margins))}
+            "margin_mean": float(np.mean(margins)), "margin_std": margin_std}
 
 
-def goals(res):
-    """The issue's targets, measured at the defaults (temperature 1)."""
-    needs = res["needs_both"]
-    margins = needs["margin_per_seed"]
-    return {"needs_both_ge_32_scenes": needs["n_scenes"] >= 32,
-            "seen_pairs_ge_0.9_every_seed": min(res["health"]["seen_pairs_per_seed"]) >= 0.9,
-            "margin_mean_ge_0.05": needs["margin_mean"] >= 0.05,
-            "margin_positive_in_every_seed": min(margins) > 0,
-            "kv_cache_speedup_ge_10_identical": (res["kv_cache_speedup"] >= 10
-                                                 and res["kv_cache_identical"])}
+def health_summary(outcomes, needs_ceilings):
+    """Per seed: seen pairs (mean of E+D and D+K, all test scenes: did the colours bind?), the
+    binding probe over training, and E alone and K alone minus their ceilings on the needs-both
+    scenes (did each map work alone? neither includes the layer map)."""
+    seen = [(o["test"]["E+D"]["fidelity"] + o["test"]["D+K"]["fidelity"]) / 2 for o in outcomes]
+    singles = [{c: o["needs_both"][c]["fidelity"] - needs_ceilings[c] for c in ("E", "K")}
+               for o in outcomes]
+    return {"seen_pairs_per_seed": seen,
+            "binding_probe_per_seed": [o["binding_probe"] for o in outcomes],
+            "single_vs_ceiling_per_seed": singles}
 
 
-def print_table(res):
-    full = res["arms"]["full"]
-    needs = res["needs_both"]
-    n_seeds = len(res["seeds"])
-    log(f"\nall test scenes ({n_seeds} seeds: mean, worst seed) and the "
-        f"{needs['n_scenes']} needs-both scenes (x {needs['samples_per_scene']} samples):")
-    head = ["fid", "worst", "ceil", "edge", "layer", "keyp", "bits", "expl", "impl", "| nb fid",
-            "worst", "ceil"]
-    log(f"{'combo':7} {'':6} " + " ".join(f"{h:>6}" for h in head))
-    for combo, m in full.items():
-        tag = "unseen" if combo in UNSEEN else "seen"
-        cells = [m["fidelity"], min(m["fidelity_per_seed"]), m["ceiling"], m["edge_f1"],
-                 m["depth_acc"], m["keypoint_hit"], m["bits_per_token"], m["checklist_explicit"],
-                 m["checklist_implicit"]]
-        nb = [needs["fidelity"][combo], needs["fidelity_min_seed"][combo], needs["ceiling"][combo]]
-        log(f"{combo:7} {tag:6} " + " ".join(f"{v:6.3f}" for v in cells) + "  |"
-            + " ".join(f"{v:6.3f}" for v in nb))
-    m = res["arms"]["uncond"]["uncond"]
-    log(f"{'uncond':7} {'base':6} {m['fidelity']:6.3f}")
-    margins = " ".join(f"{v:+.3f} (se {se:.3f})" for v, se in
-                       zip(needs["margin_per_seed"], needs["margin_se_per_seed"]))
-    log(f"\nneeds-both: E+K minus the best single-condition ceiling "
-        f"({needs['best_single_ceiling']:.3f}) per seed: {margins}; mean "
-        f"{needs['margin_mean']:+.3f} +- {needs['margin_std']:.3f}")
-    log(f"seen pairs (mean of E+D, D+K) per seed: {res['health']['seen_pairs_per_seed']}")
-    for arm, table in res.get("ablations", {}).items():
-        log(f"ablation {arm} (seed {table['seeds']}): fidelity "
-            + " ".join(f"{c} {v:.3f}" for c, v in table["fidelity"].items())
-            + f" | needs-both E+K {table['needs_both_EK']:.3f}, margin "
-            + f"{table['needs_both_margin']:+.3f}")
-    log(f"CPU time {res['cpu_time_s']:.0f} s ({res['cpu_time_s_without_ablations']:.0f} s "
-        f"without the ablations)")
-    log(f"KV-cache speed-up {res['kv_cache_speedup']:.1f}x (median of "
-        f"{len(res['kv_cache_speedup_repeats'])}), identical greedy tokens "
-        f"{res['kv_cache_identical']}\ngoals: {res['goals']}")
+def arm_summary(outcomes, cfg, ceilings):
+    """The results of one arm over its seeds: every combo on the test scenes, the needs-both
+    block and the health of each seed."""
+    arm = mean_over_seeds([o["test"] for o in outcomes])
+    uncond = arm.pop("uncond")
+    for combo, metrics in arm.items():
+        metrics["ceiling"] = ceilings.test[combo]
+    n_scenes = len(scene_sets(cfg).needs["prompts"])
+    needs = needs_both_summary([o["needs_both"] for o in outcomes], n_scenes,
+                               cfg.samples_per_scene, ceilings.needs)
+    return {"test": arm, "uncond": uncond, "needs_both": needs,
+            "health": health_summary(outcomes, ceilings.needs)}
 
 
-def run_seed(cfg, seed, arm, test_sets, train_set, device):
-    """Train one arm with one seed; evaluate every combo on each test set -> (metrics per set,
-    model, samples per set)."""
-    set_seed(seed)  # every arm: the same initial draw (where shapes agree) and the same batches
-    model = ContextAR(cfg, **ARMS[arm]).to(device)
-    log(f"arm {arm}, seed {seed}: {sum(p.numel() for p in model.parameters())} parameters")
-    train(model.train(), train_set, cfg, device)
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    metrics = {}
-    samples = {}
-    for set_name, (data, group) in test_sets.items():
-        metrics[set_name] = {}
-        samples[set_name] = {}
-        for name, combo in EVAL_COMBOS.items():
-            out = evaluate(model, data, combo, cfg, device, gen, group=group)
-            metrics[set_name][name] = out[0]
-            samples[set_name][name] = out[1]
-    out = evaluate(model, test_sets["all"][0], (), cfg, device, gen, null=True)
-    metrics["all"]["uncond"] = out[0]
-    return metrics, model, samples
+def collect(cfg, outcomes, sets, ceilings):
+    """results.json from the jobs' plain data: the full model's tables, health and needs-both
+    block over its seeds, the ablation arms beside it, the KV-cache timing of the first seed."""
+    full = [o for o in outcomes if o["arm"] == "full"]
+    summary = arm_summary(full, cfg, ceilings)
+    results = {"config": dataclasses.asdict(cfg), "seeds": [o["seed"] for o in full],
+               "data_seed": cfg.data_seed, "unseen": UNSEEN,
+               "arms": {"full": summary["test"], "uncond": {"uncond": summary["uncond"]}},
+               "needs_both": summary["needs_both"], "health": summary["health"],
+               "data": data_facts(sets)}
+    kv_repeats = full[0]["kv_cache_speedup_repeats"]
+    results["kv_cache_speedup"] = float(np.median(kv_repeats))
+    results["kv_cache_speedup_repeats"] = kv_repeats
+    results["kv_cache_identical"] = full[0]["kv_cache_identical"]
+    ablations = {}
+    for arm in [a for a in ARMS if a != "full"]:
+        runs = [o for o in outcomes if o["arm"] == arm]
+        if runs:
+            arm_result = arm_summary(runs, cfg, ceilings)
+            margins = arm_result["needs_both"]["margin_per_seed"]
+            ablations[arm] = {"seeds": [o["seed"] for o in runs],
+                              "fidelity": {c: m["fidelity"] for c, m in arm_result["test"].items()},
+                              "needs_both_EK": arm_result["needs_both"]["fidelity"]["E+K"],
+                              "needs_both_margin": arm_result["needs_both"]["margin_mean"],
+                              "needs_both_margin_per_seed": margins,
+                              "seen_pairs_per_seed": arm_result["health"]["seen_pairs_per_seed"]}
+    if ablations:
+        results["ablations"] = ablations
+    results["train_cpu_time_s_per_seed"] = [o["train_cpu_time_s"] for o in full]
+    return results
+
+
+def sample_grid(needs, shown, rows):
+    """An RGB picture (H, W, 3): per needs-both scene the true image, its E and K maps, then one
+    sample of each shown combo; and the column names."""
+    px = 5
+    gap = 4
+    size = W * px + gap
+    palette = np.array(RGB, np.uint8)
+    names = ["true", "E map", "K map"] + list(shown)
+    grid = np.full((rows * size + gap, len(names) * size + gap, 3), 255, np.uint8)
+    for r in range(rows):
+        maps = [needs["cond"][r, 0].numpy() * 255, needs["cond"][r, 2].numpy() * 127]
+        tiles = [palette[needs["image"][r].numpy()]]
+        tiles += [np.repeat(m.astype(np.uint8)[:, None], 3, 1) for m in maps]
+        tiles += [palette[np.array(s[r])] for s in shown.values()]
+        for c, tile in enumerate(tiles):
+            y = gap + r * size
+            x = gap + c * size
+            grid[y:y + W * px, x:x + W * px] = tile.reshape(W, W, 3).repeat(px, 0).repeat(px, 1)
+    ticks = [gap + c * size + W * px / 2 for c in range(len(names))]
+    return grid, ticks, names
+
+
+def plot(results, needs, shown):
+    """Left: needs-both test scenes with samples of the first seed. Middle: the binding probe over
+    training, one line per seed. Right: fidelity on the needs-both scenes per combo (bars: mean
+    over seeds, dots: seeds) beside its ceiling and the best single-condition ceiling."""
+    fig = Figure(figsize=(4.6 * 3, 3.6))
+    axes = fig.subplots(1, 3, squeeze=False)[0]
+    rows = min(SHOWN_ROWS, len(needs["image"]))
+    grid, ticks, names = sample_grid(needs, {c: shown[c] for c in SHOWN}, rows)
+    axes[0].imshow(grid)
+    axes[0].set_xticks(ticks)
+    axes[0].set_xticklabels(names, fontsize=7, rotation=30)
+    axes[0].set_yticks([])
+    axes[0].set_title(f"needs-both scenes, seed {results['seeds'][0]} (T = 1)", fontsize=9)
+    for seed, probes in zip(results["seeds"], results["health"]["binding_probe_per_seed"]):
+        axes[1].plot([p["step"] for p in probes], [p["probe"] for p in probes], label=f"{seed}")
+    axes[1].axhline(BINDING_FLOOR, color="k", ls=":", lw=1)
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("binding probe (D alone, teacher-forced)")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].legend(fontsize=6, title="seed", title_fontsize=6, ncol=2)
+    nb = results["needs_both"]
+    combos = list(EVAL_COMBOS)
+    x = np.arange(len(combos))
+    axes[2].bar(x, [nb["fidelity"][c] for c in combos], color="tab:blue", alpha=0.6,
+                label="fidelity (mean over seeds)")
+    for i, combo in enumerate(combos):
+        per_seed = nb["fidelity_per_seed"][combo]
+        axes[2].plot([i] * len(per_seed), per_seed, "k.", markersize=4)
+    axes[2].plot(x, [nb["ceiling"][c] for c in combos], "r_", markersize=14, mew=2,
+                 label="ceiling (best valid layout)")
+    axes[2].axhline(nb["best_single_ceiling"], color="r", ls=":", lw=1,
+                    label="best single-condition ceiling")
+    axes[2].set_xticks(x)
+    axes[2].set_xticklabels(combos, fontsize=7)
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_ylabel("fidelity (edge F1, layer acc., keypoint hit)")
+    axes[2].set_title(f"{nb['n_scenes']} needs-both scenes x {nb['samples_per_scene']} samples",
+                      fontsize=9)
+    axes[2].legend(fontsize=6, loc="lower right")
+    return fig
+
+
+BINDING_FLOOR = 0.9  # seen pairs (and the probe) at or above it: the seed bound the colours
+MARGIN_GOAL = 0.05  # the mean needs-both margin the toy should reach over the seeds
+
+
+def spread(values, sign=""):
+    """'mean ± std [worst]' of a list (std with ddof 1; worst = the smallest value)."""
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):{sign}.3f} ± {std:.3f} [{min(values):{sign}.3f}]"
+
+
+def failure(seen_pairs, margin):
+    """What a seed failed at: 'binding' (colours not bound to objects: seen pairs below the floor),
+    'composition' (bound, but unseen E+K does not beat the best single map's ceiling), or ''."""
+    if seen_pairs < BINDING_FLOOR:
+        return "binding"
+    if margin <= 0:
+        return "composition"
+    return ""
+
+
+def first_step_at(probes, floor):
+    """The first training step at which the binding probe reached floor, or None."""
+    steps = [p["step"] for p in probes if p["probe"] >= floor]
+    return steps[0] if steps else None
+
+
+def verdict_lines(results):
+    """The verdict, computed from the per-seed numbers."""
+    nb = results["needs_both"]
+    seen = results["health"]["seen_pairs_per_seed"]
+    margins = nb["margin_per_seed"]
+    n = len(margins)
+    bound = sum(s >= BINDING_FLOOR for s in seen)
+    composed = sum(m > 0 for m in margins)
+    sd = float(np.std(margins, ddof=1)) if n > 1 else 0.0
+    se_mean = sd / math.sqrt(n)
+    ratio = f"{nb['margin_mean'] / se_mean:.1f}" if se_mean > 0 else "n/a"
+    failures = [f"seed {seed} ({failure(s, m)})" for seed, s, m in
+                zip(results["seeds"], seen, margins) if failure(s, m)]
+    goal_met = nb["margin_mean"] >= MARGIN_GOAL
+    return [f"- Colour binding (seen pairs E+D, D+K >= {BINDING_FLOOR}): {bound} of {n} seeds "
+            f"(seen pairs {spread(seen)}).",
+            f"- Composition (unseen E+K on the needs-both scenes minus the best single-condition "
+            f"ceiling {nb['best_single_ceiling']:.3f}): margin > 0 in {composed} of {n} seeds; "
+            f"margin {spread(margins, '+')} (mean ± SD between seeds [worst]); mean / (SD / "
+            f"sqrt({n})) = {ratio} standard errors of the between-seed mean.",
+            f"- Mean margin >= {MARGIN_GOAL:+.2f}: {'met' if goal_met else 'not met'}.",
+            f"- Failures: {', '.join(failures) if failures else 'none'}."]
+
+
+def seed_table(results):
+    """One row per seed: binding, the single maps against their ceilings, composition."""
+    nb = results["needs_both"]
+    health = results["health"]
+    lines = ["| seed | seen pairs | E − ceiling | K − ceiling | E+K | margin | within-seed SE "
+             "| margin / SE | probe at end | probe >= 0.9 from step | failure |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, seed in enumerate(results["seeds"]):
+        seen = health["seen_pairs_per_seed"][i]
+        singles = health["single_vs_ceiling_per_seed"][i]
+        margin = nb["margin_per_seed"][i]
+        se = nb["margin_se_per_seed"][i]
+        probes = health["binding_probe_per_seed"][i]
+        ratio = f"{margin / se:+.1f}" if se > 0 else "n/a"
+        lines.append(f"| {seed} | {seen:.3f} | {singles['E']:+.3f} | {singles['K']:+.3f} "
+                     f"| {nb['fidelity_per_seed']['E+K'][i]:.3f} | {margin:+.3f} | {se:.3f} "
+                     f"| {ratio} | {probes[-1]['probe']:.3f} "
+                     f"| {first_step_at(probes, BINDING_FLOOR) or 'never'} "
+                     f"| {failure(seen, margin) or '-'} |")
+    return lines
+
+
+def combo_tables(results):
+    """Every combo on all test scenes (with its condition scores and checklist) and on the
+    needs-both scenes, each fidelity as mean ± std [worst seed] beside its ceiling."""
+    nb = results["needs_both"]
+    lines = ["| combo | | fidelity | ceiling | edge F1 | layer acc. | keypoint hit | bits/token "
+             "| checklist explicit | checklist implicit | needs-both fidelity | its ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for combo, m in results["arms"]["full"].items():
+        tag = "unseen" if combo in results["unseen"] else "seen"
+        lines.append(f"| {combo} | {tag} | {spread(m['fidelity_per_seed'])} | {m['ceiling']:.3f} "
+                     f"| {m['edge_f1']:.3f} | {m['depth_acc']:.3f} | {m['keypoint_hit']:.3f} "
+                     f"| {m['bits_per_token']:.3f} | {m['checklist_explicit']:.3f} "
+                     f"| {m['checklist_implicit']:.3f} | {spread(nb['fidelity_per_seed'][combo])} "
+                     f"| {nb['ceiling'][combo]:.3f} |")
+    uncond = results["arms"]["uncond"]["uncond"]
+    lines.append(f"| uncond | control | {spread(uncond['fidelity_per_seed'])} | | "
+                 f"{uncond['edge_f1']:.3f} | {uncond['depth_acc']:.3f} "
+                 f"| {uncond['keypoint_hit']:.3f} | {uncond['bits_per_token']:.3f} "
+                 f"| {uncond['checklist_explicit']:.3f} | {uncond['checklist_implicit']:.3f} | | |")
+    return lines
+
+
+def probe_table(results):
+    """The binding probe over training: one row per reading, one column per seed."""
+    per_seed = results["health"]["binding_probe_per_seed"]
+    lines = ["| step | " + " | ".join(f"seed {s}" for s in results["seeds"]) + " |",
+             "|---" * (1 + len(per_seed)) + "|"]
+    for i, reading in enumerate(per_seed[0]):
+        probes = [f"{seed_probes[i]['probe']:.3f}" for seed_probes in per_seed]
+        lines.append(f"| {reading['step']} | " + " | ".join(probes) + " |")
+    return lines
+
+
+def ablation_lines(results):
+    """The ablation arms beside the full model, if they ran."""
+    if "ablations" not in results:
+        return []
+    lines = ["", "## Ablations (same seeds and budget)", "",
+             "| arm | " + " | ".join(EVAL_COMBOS) + " | needs-both E+K | margin | seen pairs |",
+             "|---" * (len(EVAL_COMBOS) + 4) + "|"]
+    for arm, table in results["ablations"].items():
+        cells = [f"{table['fidelity'][c]:.3f}" for c in EVAL_COMBOS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {table['needs_both_EK']:.3f} "
+                     f"| {spread(table['needs_both_margin_per_seed'], '+')} "
+                     f"| {spread(table['seen_pairs_per_seed'])} |")
+    return lines
+
+
+def render_report(results):
+    """The markdown record of a run, from its results.json alone."""
+    cfg = results["config"]
+    nb = results["needs_both"]
+    facts = results["data"]
+    n_seeds = len(results["seeds"])
+    train_cpu = np.mean(results["train_cpu_time_s_per_seed"])
+    pairs = results["attention_pairs"]
+    lines = ["# contextar: ContextAR on toy scenes, seen and unseen condition combinations", "",
+             f"Model seeds {results['seeds']}, data seed {results['data_seed']} (the training, "
+             f"test and needs-both scenes are the same for every model seed); {cfg['steps']} "
+             f"steps of {cfg['batch']} scenes; every sample at temperature {cfg['temperature']}, "
+             f"guidance scale {cfg['cfg_scale']}. Wall {results['wall_s']:.0f} s, CPU "
+             f"{results['cpu_time_s']:.0f} s (training one seed: {train_cpu:.0f} CPU-s).",
+             "", "## Verdict", ""]
+    lines += verdict_lines(results)
+    lines += ["", f"## Per seed: binding, each map alone, composition ({nb['n_scenes']} needs-both "
+              f"scenes x {nb['samples_per_scene']} samples)", ""]
+    lines += seed_table(results)
+    lines += ["", "Seen pairs: mean fidelity of E+D and D+K on all test scenes; they include the "
+              "layer map, which pins the layout alone, so they show binding, not composition. "
+              "E − ceiling and K − ceiling: each map alone on the needs-both scenes against its "
+              "ceiling (no layer map). The within-seed SE is over the needs-both scenes of one "
+              "seed's samples; the spread between seeds (verdict) is what a new seed would see.",
+              "", f"## Every combo ({n_seeds} seeds: mean ± std [worst seed])", ""]
+    lines += combo_tables(results)
+    lines += ["", f"Left: {cfg['n_eval']} test scenes of every kind; right: the needs-both scenes. "
+              "Fidelity: the mean of edge F1, layer accuracy and keypoint hit of the generated "
+              "image against the scene's maps. Ceiling: the best mean fidelity of any single "
+              "valid layout consistent with the prompt and the combo's maps, by enumeration (an "
+              "image that is no valid layout can score slightly higher). uncond: null text and "
+              "no conditions (the CFG branch).", "", "## What \"unseen\" means", "",
+              f"E+K and E+D+K are never trained on as condition combinations; the scenes are not "
+              f"all new: {facts['needs_both_repeating_a_training_scene']} of {nb['n_scenes']} "
+              f"needs-both scenes repeat a training scene (prompt and maps) and "
+              f"{facts['needs_both_layer_map_in_training']} have a layer map that occurs in "
+              f"training. {facts['needs_both_bar_bar']} of them are bar-bar scenes. In training, "
+              f"{facts['train_bar_share']:.3f} of the objects are bars (p_bar {cfg['p_bar']} "
+              f"before rejecting invalid layouts) and {facts['train_bar_bar_share']:.3f} of the "
+              f"scenes are bar-bar.", "", "## Binding probe over training", "",
+              "Teacher-forced, the layer map D alone, on the test scenes: the share of objects "
+              "whose first cell prefers the object's colour to the other object's.", ""]
+    lines += probe_table(results)
+    lines += ablation_lines(results)
+    lines += ["", "## Cost", "",
+              f"Attention pairs of an E+D+K sequence (S = {pairs['S']}): context-aware mask "
+              f"{pairs['context']}, causal {pairs['causal']}, dense {pairs['dense']} (a dense "
+              f"boolean mask computes them all). KV-cache sampling against recomputing the "
+              f"sequence each step (E+D+K, greedy): {results['kv_cache_speedup']:.1f}x (median of "
+              f"{len(results['kv_cache_speedup_repeats'])}), identical tokens: "
+              f"{results['kv_cache_identical']}."]
+    return "\n".join(lines) + "\n"
 
 
 def run(cfg):
+    """The whole study: scenes and ceilings, the seeds (and arms) as jobs, the record."""
+    wall_start = time.time()
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 6), batch=8, width=32, layers=1,
                                   heads=2, n_train=64, n_eval=6, n_needs_both=4,
-                                  samples_per_scene=2, log_every=3)
+                                  samples_per_scene=2, log_every=3, probe_every=3)
     device = pick_device(cfg.device)
-    log(f"config: {dataclasses.asdict(cfg)}")
-    set_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    train_set, test_set = load_scenes(cfg, rng)
-    needs = needs_both_scenes(test_set if cfg.data else None, rng, cfg.n_needs_both, cfg.p_bar)
-    n_needs = len(needs["prompts"])
-    require(n_needs > 0, "no test scene needs both E and K: use more test rows with two bars")
-    log(f"data: {len(train_set['image'])} train / {len(test_set['image'])} test scenes "
-        f"(+ {n_needs} needing both E and K), e.g. '{test_set['prompts'][0]}'")
+    print(f"config: {dataclasses.asdict(cfg)}")
+    sets = scene_sets(cfg)
+    print(f"data: {len(sets.train['image'])} train / {len(sets.test['image'])} test scenes "
+          f"(+ {len(sets.needs['prompts'])} needing both E and K), e.g. "
+          f"'{sets.test['prompts'][0]}'")
     mask3 = build_attention_mask(COND_TYPES, CELLS, TEXT_LEN)  # E+D+K: the pairs each mask keeps
     S = len(mask3)
-    pairs = {"context": int(mask3.sum()), "causal": S * (S + 1) // 2, "dense": S * S}
-    log(f"attention pairs for E+D+K (S={S}): {pairs} (a dense boolean mask computes them all)")
-    ceilings = {c: mean_ceiling(combo, test_set) for c, combo in EVAL_COMBOS.items()}
-    needs_ceilings = {c: mean_ceiling(combo, needs) for c, combo in EVAL_COMBOS.items()}
-    log(f"ceilings, all test scenes: {ceilings}\nceilings, needs-both scenes: {needs_ceilings}")
-    test_sets = {"all": (test_set, 1),
-                 "needs_both": (repeat_rows(needs, cfg.samples_per_scene), cfg.samples_per_scene)}
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
-    res = {"config": dataclasses.asdict(cfg), "seeds": seeds, "unseen": UNSEEN,
-           "attention_pairs": pairs, "arms": {}}
-    per_seed = []
-    for seed in seeds:
-        metrics, model, samples = run_seed(cfg, seed, "full", test_sets, train_set, device)
-        per_seed.append(metrics)
-        seen = [metrics["all"][c]["fidelity"] for c in ("E+D", "D+K")]
-        log(f"seed {seed}: seen pairs {seen[0]:.3f} / {seen[1]:.3f}, needs-both E+K "
-            f"{metrics['needs_both']['E+K']['fidelity']:.3f}")
-        if seed == seeds[0]:
-            step = cfg.samples_per_scene
-            shown = {c: samples["needs_both"][c][::step] for c in ("E", "K", "E+K", "text")}
-            speedups, identical = kv_cache_speedup(model, test_set, device)
-    full = mean_over_seeds([m["all"] for m in per_seed])
-    res["arms"]["uncond"] = {"uncond": full.pop("uncond")}
-    for combo in full:
-        full[combo]["ceiling"] = ceilings[combo]
-    res["arms"]["full"] = full
-    res["needs_both"] = needs_both_summary([m["needs_both"] for m in per_seed], n_needs,
-                                           cfg.samples_per_scene, needs_ceilings)
-    seen_pairs = [(m["all"]["E+D"]["fidelity"] + m["all"]["D+K"]["fidelity"]) / 2
-                  for m in per_seed]
-    res["health"] = {"seen_pairs_per_seed": seen_pairs}
-    res["cpu_time_s_without_ablations"] = time.process_time()
-    if cfg.ablate:
-        res["ablations"] = {}
-        for arm in ("no_type", "rope_1d", "causal"):
-            metrics = run_seed(cfg, seeds[0], arm, test_sets, train_set, device)[0]
-            summary = needs_both_summary([metrics["needs_both"]], n_needs, cfg.samples_per_scene,
-                                         needs_ceilings)
-            res["ablations"][arm] = {
-                "seeds": seeds[:1],
-                "fidelity": {c: m["fidelity"] for c, m in metrics["all"].items()},
-                "needs_both_EK": summary["fidelity"]["E+K"],
-                "needs_both_margin": summary["margin_mean"]}
-    res["kv_cache_speedup"] = float(np.median(speedups))
-    res["kv_cache_speedup_repeats"] = speedups
-    res["kv_cache_identical"] = identical
-    res["goals"] = goals(res)
-    res["cpu_time_s"] = time.process_time()
-    print_table(res)
-    os.makedirs(cfg.out, exist_ok=True)
-    plot(os.path.join(cfg.out, "contextar.png"), needs, shown, res["needs_both"])
-    save_json(os.path.join(cfg.out, "results.json"), res)
-    return res
+    pairs = {"S": S, "context": int(mask3.sum()), "causal": S * (S + 1) // 2, "dense": S * S}
+    ceilings = Ceilings({c: mean_ceiling(combo, sets.test) for c, combo in EVAL_COMBOS.items()},
+                        {c: mean_ceiling(combo, sets.needs) for c, combo in EVAL_COMBOS.items()})
+    print(f"ceilings, all test scenes: {ceilings.test}\nneeds-both scenes: {ceilings.needs}")
+    arms = ["full"] + (["no_type", "rope_1d", "causal"] if cfg.ablate else [])
+    seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+    jobs = [Job(cfg, seed, arm) for arm in arms for seed in seeds]
+    setup_cpu = time.process_time()
+    outcomes = run_jobs(run_job, jobs, cfg.workers, device)
+    results = collect(cfg, outcomes, sets, ceilings)
+    results["attention_pairs"] = pairs
+    results["cpu_time_s"] = setup_cpu + sum(o["cpu_time_s"] for o in outcomes)
+    results["wall_s"] = time.time() - wall_start
+    fig = plot(results, sets.needs, outcomes[0]["shown"])
+    write_record(cfg.out, "contextar", results, fig)
+    print(render_report(results))
+    return results
 
 
 def main(argv=None):
     return run_cli(Config, run, argv)
 
 
-# --- boilerplate: CLI, seeds, device, logs, files, figures (same in every script; skip it) ---
+# --- boilerplate: CLI, seeds, device, workers, logs, files (the same helpers in every script) ---
 
 
 class BadInput(Exception):
-    """A user error (bad flag, value or file): one line on stderr, exit status 2."""
-
+    """A user error (a flag, a value, a file): one line on stderr, exit status 2."""
+    status = 2
 
 class NonFinite(Exception):
     """A loss term turned NaN or inf: the step and the term on stderr, exit status 1."""
-
+    status = 1
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage and exit 2; we want one line
+    def error(self, message):  # argparse prints the usage and exits 2; we want one line
         raise BadInput(message)
-
 
 def parse_config(cls, argv=None):
     """argparse from the dataclass: `foo_bar: int = 3  # text` becomes `--foo-bar 3`, help text."""
-    source = inspect.getsource(cls)
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, re.M))
-    parser = _Parser(description=(cls.__doc__ or "").strip(),
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    parser = _Parser(description=cls.__doc__,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "").replace("%", "%%")  # argparse %-formats help text
-        if field.type is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=field.default, help=text)
-        else:
-            metavar = field.type.__name__.upper()
-            parser.add_argument(flag, type=field.type, default=field.default, help=text,
-                                metavar=metavar)
+        kind = {"type": field.type} if field.type is not bool else {
+            "action": argparse.BooleanOptionalAction}
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default, help=text,
+                            **kind)
     cfg = cls(**vars(parser.parse_args(argv)))
-    devices = ("auto", "cpu", "cuda", "mps")
-    require(cfg.device in devices, f"--device {cfg.device}: choose one of {', '.join(devices)}")
     require(cfg.steps > 0, f"--steps {cfg.steps}: must be a positive number of steps")
     require(not cfg.data or os.path.isfile(cfg.data), f"--data {cfg.data}: no such file")
     return cfg
-
 
 def require(condition, message):
     if not condition:
         raise BadInput(message)
 
-
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
+    torch.manual_seed(seed)
 
 def pick_device(name):
     """auto: cuda, then mps, then cpu."""
-    has_mps = torch.backends.mps.is_available()
+    found = {"cpu": True, "cuda": torch.cuda.is_available(),
+             "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here")
-    require(name != "mps" or has_mps, "--device mps: no MPS device here")
+        name = "cuda" if found["cuda"] else "mps" if found["mps"] else "cpu"
+    require(found.get(name), f"--device {name}: not available here (auto, cpu, cuda or mps)")
     return torch.device(name)
-
-
-def autocast(device):
-    """bf16 autocast on a CUDA device that supports it; fp32 everywhere else."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cosine_lr(step, total, lr, warmup):
-    """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
-    # 1) linear warm-up from lr / warmup to lr
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    # 2) cosine decay from lr (progress 0) to lr / 10 (progress 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
-
-
-def log(message):
-    print(message, flush=True)
-
 
 def log_progress(step, total, start_time, **metrics):
     """One line: step, the metrics given (loss terms, reward, throughput), elapsed time and ETA."""
     elapsed = time.time() - start_time
-    eta = elapsed / step * (total - step)
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
-    log(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
-
-
-def check_finite(step, **terms):
-    """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
-    for name, value in terms.items():
-        if not math.isfinite(float(value)):
-            raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
-
+    eta = elapsed / step * (total - step)
+    print(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
 
 def load_user_data(path, columns):
-    """A JSON-lines file as a datasets.Dataset; a bad file is one BadInput line (file, line)."""
-    n_rows = 0
+    """A JSON-lines file as a datasets.Dataset; a bad row is one BadInput line (file, line)."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"--data {path}, line {line_no}"
             try:
-                row = json.loads(line)
+                row = json.loads(line) if line.strip() else dict.fromkeys(columns)  # blank: skip
             except json.JSONDecodeError as e:
-                raise BadInput(f"{where}: not valid JSON ({e.msg})")
-            for column in columns:
-                require(isinstance(row, dict) and column in row, f"{where}: no column '{column}'")
-            n_rows += 1
-    require(n_rows > 0, f"--data {path}: no rows")
+                raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
+            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+            require(not missing, f"--data {path}, line {line_no}: no column {missing[:1]}")
     datasets.disable_progress_bars()
     return datasets.load_dataset("json", data_files=path, split="train")
 
+def run_jobs(fn, jobs, workers, device):
+    """[fn(job) for job in jobs] on `workers` one-thread processes (0: one per core; 1 on a GPU)."""
+    workers = 1 if device.type != "cpu" else min(workers or os.cpu_count(), len(jobs))
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    start = time.time()
+    results = []
+    with contextlib.ExitStack() as stack:
+        finished = map(fn, jobs)
+        if workers > 1:
+            pool = stack.enter_context(context.Pool(workers, torch.set_num_threads, (1,)))
+            finished = pool.imap(fn, jobs)
+        for result in finished:
+            results.append(result)
+            elapsed = time.time() - start
+            eta = elapsed / len(results) * (len(jobs) - len(results))
+            print(f"job {len(results)}/{len(jobs)} done | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+    return results
 
-def save_json(path, obj):
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def new_figure(n_panels, width=4.6, height=3.6):
-    """A row of matplotlib axes on the Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
-    return fig, list(axes[0])
-
-
-def save_figure(fig, path):
-    """Write a PNG atomically (temp file, then os.replace) and close the figure."""
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
+def write_record(out, name, results, fig):
+    """results.json, results.md (render_report of the JSON read back) and NAME.png, each atomic."""
+    os.makedirs(out, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    report = render_report(json.loads(text))
+    for filename, content in [("results.json", text), ("results.md", report)]:
+        tmp = os.path.join(out, f".{filename}.tmp{os.getpid()}")  # a temp file, then os.replace
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, os.path.join(out, filename))
+    tmp = os.path.join(out, f".{name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
+    os.replace(tmp, os.path.join(out, f"{name}.png"))
 
 def run_cli(cls, run, argv=None):
-    """Parse argv into a Config and call run(cfg); a user error exits 2, a non-finite loss 1."""
+    """run(Config from argv) on one thread, so the numbers never depend on the core count."""
+    torch.set_num_threads(1)
+    sys.stdout.reconfigure(line_buffering=True)  # each log line shows as it is printed
     try:
         return run(parse_config(cls, argv))
-    except BadInput as e:
+    except (BadInput, NonFinite) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFinite as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.status)
 
 
 if __name__ == "__main__":

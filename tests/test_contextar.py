@@ -1,8 +1,10 @@
-"""Tests for contextar.py: the context-aware mask, 2-D RoPE, block-order invariance, KV cache, checklist."""
+"""Tests for contextar.py: the context-aware mask, 2-D RoPE, block-order invariance, KV cache,
+checklist, ceilings, the binding probe, training, the per-seed summaries and the record."""
 import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import contextar as C
@@ -253,7 +255,7 @@ def test_training_drops_conditions_and_never_sees_unseen_combos(monkeypatch):
     torch.manual_seed(0)
     cfg = C.Config(steps=60, batch=8, width=16, heads=2, layers=1, p_uncond=0.25, log_every=100)
     model = C.ContextAR(cfg)
-    C.train(model, scenes(16), cfg, torch.device("cpu"))
+    C.train(model, scenes(16), scenes(4), cfg, torch.device("cpu"))
     combos = {combo for combo, _, _ in calls}
     assert combos == set(C.TRAIN_COMBOS)
     assert all(not ("E" in c and "K" in c) for c in combos)  # E+K and E+D+K stay unseen
@@ -278,22 +280,6 @@ def test_needs_both_summary_margin_by_hand():
     torch.testing.assert_close(torch.tensor(out["margin_per_seed"]), torch.tensor([0.1, 0.05]))
     assert out["fidelity_min_seed"]["E+K"] == 0.85 and out["best_single_ceiling"] == 0.8
     torch.testing.assert_close(out["fidelity"]["E"], 0.875)
-
-
-def test_smoke_writes_the_issue_keys(tmp_path):
-    res = C.main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
-    saved = json.load(open(os.path.join(tmp_path, "results.json")))
-    assert set(saved["arms"]["full"]) == set(C.EVAL_COMBOS) and saved["unseen"] == ["E+K", "E+D+K"]
-    for key in C.KEYS + ("ceiling",):
-        assert key in saved["arms"]["full"]["E+K"]
-    needs = saved["needs_both"]
-    assert needs["n_scenes"] == 4 and len(needs["margin_per_seed"]) == len(saved["seeds"]) == 2
-    assert needs["samples_per_scene"] == 2
-    for key in ("fidelity", "fidelity_min_seed", "ceiling"):
-        assert set(needs[key]) == set(C.EVAL_COMBOS)
-    assert needs["ceiling"]["E+K"] == 1.0 and needs["ceiling"]["E"] < 1
-    assert "kv_cache_speedup" in saved and res["kv_cache_identical"]
-    assert os.path.getsize(os.path.join(tmp_path, "contextar.png")) > 100
 
 
 def test_embeddings_text_by_slot_and_word_conditions_by_type():
@@ -420,7 +406,7 @@ def test_a_few_training_steps_lower_the_loss():
     model = C.ContextAR(cfg)
     with torch.no_grad():
         before = C.image_nll(model, data["text"], data["cond"], data["image"], ("D",)).mean()
-    C.train(model, data, cfg, torch.device("cpu"))
+    C.train(model, data, data, cfg, torch.device("cpu"))
     with torch.no_grad():
         after = C.image_nll(model, data["text"], data["cond"], data["image"], ("D",)).mean()
     assert after < 0.7 * before
@@ -428,24 +414,245 @@ def test_a_few_training_steps_lower_the_loss():
 
 def test_kv_cache_speedup_is_a_speedup_with_identical_tokens():
     data, model = scenes(), tiny_model()
-    ratios, identical = C.kv_cache_speedup(model, data, torch.device("cpu"), n=4, repeats=2)
-    assert len(ratios) == 2 and min(ratios) > 1 and identical
+    out = C.kv_cache_speedup(model, data, torch.device("cpu"), n=4, repeats=2)
+    assert len(out["kv_cache_speedup_repeats"]) == 2 and min(out["kv_cache_speedup_repeats"]) > 1
+    assert out["kv_cache_identical"]
 
 
-def test_goals_by_hand():
-    res = {"needs_both": {"n_scenes": 40, "margin_per_seed": [0.1, 0.02], "margin_mean": 0.06},
-           "health": {"seen_pairs_per_seed": [0.95, 0.91]},
-           "kv_cache_speedup": 12.0, "kv_cache_identical": True}
-    assert all(C.goals(res).values())
-    res["needs_both"]["margin_per_seed"] = [0.1, 0.0]
-    res["health"]["seen_pairs_per_seed"] = [0.95, 0.89]
-    res["kv_cache_speedup"] = 9.9
-    goals = C.goals(res)
-    assert not goals["margin_positive_in_every_seed"] and not goals["seen_pairs_ge_0.9_every_seed"]
-    assert not goals["kv_cache_speedup_ge_10_identical"] and goals["margin_mean_ge_0.05"]
-    res["needs_both"]["margin_mean"] = 0.05  # the bound itself counts
-    res["health"]["seen_pairs_per_seed"] = [0.9, 0.9]
-    res["kv_cache_speedup"] = 10.0
-    goals = C.goals(res)
-    assert goals["margin_mean_ge_0.05"] and goals["seen_pairs_ge_0.9_every_seed"]
-    assert goals["kv_cache_speedup_ge_10_identical"]
+def test_binding_probe_by_hand():
+    # scene 0: object 1 at cells 3, 4 (colour 5), object 2 at cell 10 (colour 6);
+    # scene 1: object 1 at cell 0 (colour 7), object 2 at cells 1, 2 (colour 5)
+    layers = torch.zeros(2, 64, dtype=torch.long)
+    layers[0, [3, 4]] = 1
+    layers[0, 10] = 2
+    layers[1, 0] = 1
+    layers[1, [1, 2]] = 2
+    colours = torch.tensor([[5, 6], [7, 5]])
+    logits = torch.zeros(2, 64, 8)
+    logits[0, 3, 5] = 1.0  # first cell of object 1 prefers its own colour: hit
+    logits[0, 4, 6] = 5.0  # not a first cell: ignored
+    logits[0, 10, 5] = 1.0  # object 2's first cell prefers the other colour (5 over 6): miss
+    logits[1, 0, 7] = 2.0
+    logits[1, 0, 5] = 1.0  # 2 > 1: hit
+    # scene 1, object 2 (cell 1): logits of 5 and 7 tie at 0: not preferred, a miss -> 2 of 4
+    assert C.binding_probe(logits, layers, colours) == 0.5
+    logits[1, 1, 5] = 0.5  # now it prefers its colour: 3 of 4
+    assert C.binding_probe(logits, layers, colours) == 0.75
+    with pytest.raises(ValueError):
+        C.binding_probe(logits, layers, colours[:, :1])
+
+
+def test_schedule_by_hand():
+    # lr 1, warm-up 4, 14 steps: (step + 1) / 4 while warming; then 0.1 + 0.45 (1 + cos(pi p)),
+    # p = (step - 4) / 10: step 4 -> 1.0, step 9 -> 0.55, step 14 and later -> 0.1
+    got = [C.get_lr(step, 14, 1.0, 4) for step in (0, 3, 4, 9, 14, 20)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([0.25, 1.0, 1.0, 0.55, 0.1, 0.1]))
+    assert C.get_lr(0, 10, 2.0, 0) == 2.0  # no warm-up: the peak at once
+
+
+def test_kv_cache_append_and_block_against_hand_attention():
+    cache = C.KVCache()
+    k1 = torch.ones(1, 2, 3, 4)
+    v1 = 2 * torch.ones(1, 2, 3, 4)
+    k, v = cache.append(k1, v1)
+    assert torch.equal(k, k1) and torch.equal(v, v1)
+    k, v = cache.append(3 * torch.ones(1, 2, 1, 4), 4 * torch.ones(1, 2, 1, 4))
+    assert k.shape == (1, 2, 4, 4) and k[0, 0, 3, 0] == 3 and v[0, 1, 0, 0] == 2
+    assert cache.k.shape == (1, 2, 4, 4)
+    # one block, no rotation (cos 1, sin 0), causal mask: x + proj(softmax(q k^T / sqrt(hs)) v),
+    # then x + mlp(ln_2(x)), written out by hand per head
+    torch.manual_seed(0)
+    block = C.Block(8, 2)
+    x = torch.randn(2, 3, 8)
+    cos = torch.ones(3, 2)
+    sin = torch.zeros(3, 2)
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    with torch.no_grad():
+        got = block(x, cos, sin, causal)
+        qkv = block.c_attn(block.ln_1(x))  # (2, 3, 24)
+        heads = []
+        for h in range(2):
+            q = qkv[..., 4 * h:4 * h + 4]
+            k = qkv[..., 8 + 4 * h:8 + 4 * h + 4]
+            v = qkv[..., 16 + 4 * h:16 + 4 * h + 4]
+            scores = (q @ k.transpose(1, 2) / 2.0).masked_fill(~causal, float("-inf"))
+            heads.append(scores.softmax(-1) @ v)
+        x1 = x + block.c_proj(torch.cat(heads, -1))
+        want = x1 + block.mlp(block.ln_2(x1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_failure_first_step_and_spread_by_hand():
+    assert C.failure(0.89, 0.1) == "binding"  # below the 0.9 floor, whatever the margin
+    assert C.failure(0.9, 0.0) == "composition"  # bound, margin not above 0
+    assert C.failure(0.95, -0.1) == "composition"
+    assert C.failure(0.9, 0.001) == ""
+    probes = [{"step": 0, "probe": 0.5}, {"step": 50, "probe": 0.9}, {"step": 100, "probe": 0.95}]
+    assert C.first_step_at(probes, 0.9) == 50
+    assert C.first_step_at(probes[:1], 0.9) is None
+    # [0.1, 0.3]: mean 0.2, std (ddof 1) sqrt(0.01 + 0.01) = 0.141, worst 0.1
+    assert C.spread([0.1, 0.3]) == "0.200 ± 0.141 [0.100]"
+    assert C.spread([0.1, -0.3], "+") == "-0.100 ± 0.283 [-0.300]"
+    assert C.spread([0.5]) == "0.500 ± 0.000 [0.500]"
+
+
+def test_health_summary_by_hand():
+    # seen pairs = (E+D + D+K) / 2 on all test scenes; singles = needs-both fidelity - ceiling
+    outcomes = []
+    for ed, dk, e, k in ((0.9, 1.0, 0.6, 0.8), (0.5, 0.7, 0.7, 0.9)):
+        outcomes.append({"test": {"E+D": {"fidelity": ed}, "D+K": {"fidelity": dk}},
+                         "needs_both": {"E": {"fidelity": e}, "K": {"fidelity": k}},
+                         "binding_probe": [{"step": 0, "probe": ed}]})
+    out = C.health_summary(outcomes, {"E": 0.65, "K": 0.85, "D": 1.0})
+    torch.testing.assert_close(torch.tensor(out["seen_pairs_per_seed"]), torch.tensor([0.95, 0.6]))
+    singles = [[s["E"], s["K"]] for s in out["single_vs_ceiling_per_seed"]]
+    torch.testing.assert_close(torch.tensor(singles), torch.tensor([[-0.05, -0.05], [0.05, 0.05]]))
+    assert out["binding_probe_per_seed"] == [[{"step": 0, "probe": 0.9}],
+                                             [{"step": 0, "probe": 0.5}]]
+
+
+def test_data_facts_by_hand():
+    words_a = ("day", "summer", "red", "bar", "blue", "bar")
+    words_b = ("day", "summer", "red", "square", "blue", "bar")
+    words_c = ("day", "summer", "green", "bar", "blue", "bar")
+    lay_a = [(3, 1, 0), (4, 5, 0)]
+    lay_b = [(3, 2, 0), (5, 5, 1)]
+    train = C.make_dataset([(" ".join(words_a), C.render(words_a, lay_a, (0, 0))),
+                            (" ".join(words_b), C.render(words_b, lay_b, (0, 0)))])
+    # needs: scene a again (a repeat) and scene a's layout with other colours (its layer map
+    # occurs in training, the scene does not)
+    needs = C.make_dataset([(" ".join(words_a), C.render(words_a, lay_a, (1, 1))),
+                            (" ".join(words_c), C.render(words_c, lay_a, (0, 0)))])
+    facts = C.data_facts(C.SceneSets(train, train, needs))
+    # training objects: bar, bar, square, bar -> 3 of 4 bars; bar-bar scenes 1 of 2
+    assert facts == {"train_bar_share": 0.75, "train_bar_bar_share": 0.5, "needs_both_bar_bar": 2,
+                     "needs_both_repeating_a_training_scene": 1,
+                     "needs_both_layer_map_in_training": 2}
+
+
+def test_scene_sets_depend_on_the_data_seed_only():
+    cfg = C.Config(n_train=8, n_eval=4, n_needs_both=2, seed=0)
+    first = C.scene_sets(cfg)
+    C.SCENE_SETS.clear()
+    again = C.scene_sets(C.Config(n_train=8, n_eval=4, n_needs_both=2, seed=7))  # model seed
+    assert torch.equal(first.train["cond"], again.train["cond"])
+    assert first.needs["prompts"] == again.needs["prompts"]
+    other = C.scene_sets(C.Config(n_train=8, n_eval=4, n_needs_both=2, data_seed=1))
+    assert not torch.equal(first.train["cond"], other.train["cond"])
+    assert len(other.needs["prompts"]) == 2
+    assert all(C.needs_both(C.scene_at(other.needs, i)) for i in range(2))
+
+
+def hand_results(seen, margins, probes_at_end=(0.95, 0.5, 0.97)):
+    # three seeds; best single ceiling 0.8; E+K fidelity = 0.8 + margin
+    combos = list(C.EVAL_COMBOS)
+    metrics = {"ceiling": 1.0, "edge_f1": 0.9, "depth_acc": 0.8, "keypoint_hit": 0.7,
+               "bits_per_token": 0.1, "checklist_explicit": 0.9, "checklist_implicit": 0.95,
+               "fidelity_per_seed": [0.8, 0.8, 0.8], "fidelity": 0.8}
+    e_plus_k = [0.8 + m for m in margins]
+    return {"config": {"steps": 10, "batch": 4, "temperature": 1.0, "cfg_scale": 1.0,
+                       "n_eval": 6, "p_bar": 0.5},
+            "seeds": [0, 1, 2], "data_seed": 4, "unseen": ["E+K", "E+D+K"],
+            "arms": {"full": {c: dict(metrics) for c in combos}, "uncond": {"uncond": metrics}},
+            "needs_both": {"n_scenes": 5, "samples_per_scene": 2,
+                           "fidelity_per_seed": {c: e_plus_k for c in combos},
+                           "ceiling": {c: 0.8 for c in combos}, "best_single_ceiling": 0.8,
+                           "margin_per_seed": margins, "margin_se_per_seed": [0.01, 0.02, 0.01],
+                           "margin_mean": sum(margins) / 3},
+            "health": {"seen_pairs_per_seed": seen,
+                       "single_vs_ceiling_per_seed": [{"E": -0.01, "K": 0.02}] * 3,
+                       "binding_probe_per_seed": [[{"step": 0, "probe": 0.5},
+                                                   {"step": 100, "probe": p}]
+                                                  for p in probes_at_end]},
+            "data": {"train_bar_share": 0.63, "train_bar_bar_share": 0.4, "needs_both_bar_bar": 5,
+                     "needs_both_repeating_a_training_scene": 1,
+                     "needs_both_layer_map_in_training": 3},
+            "train_cpu_time_s_per_seed": [1.0, 2.0, 3.0], "attention_pairs": {
+                "S": 14, "context": 100, "causal": 105, "dense": 196},
+            "kv_cache_speedup": 12.0, "kv_cache_speedup_repeats": [11.0, 12.0, 13.0],
+            "kv_cache_identical": True, "wall_s": 5.0, "cpu_time_s": 9.0}
+
+
+def test_render_report_verdicts_follow_the_numbers():
+    # seed 1 does not bind (0.85), seed 2 binds but does not compose (margin -0.02); margins
+    # [0.1, 0.05, -0.02]: mean 0.0433, SD (ddof 1) 0.0603, SE of the mean 0.0348 -> 1.2
+    report = C.render_report(hand_results([0.95, 0.85, 0.97], [0.1, 0.05, -0.02]))
+    assert "2 of 3 seeds (seen pairs 0.923 ± 0.064 [0.850])" in report
+    assert "margin > 0 in 2 of 3 seeds" in report
+    assert "+0.043 ± 0.060 [-0.020]" in report and "= 1.2 standard errors" in report
+    assert ">= +0.05: not met" in report
+    assert "Failures: seed 1 (binding), seed 2 (composition)." in report
+    # per-seed rows: margin / SE, the step the probe reached 0.9 (never for seed 1)
+    assert "| 1 | 0.850 | -0.010 | +0.020 | 0.850 | +0.050 | 0.020 | +2.5 | 0.500 | never " \
+           "| binding |" in report
+    assert "| 0 | 0.950 | -0.010 | +0.020 | 0.900 | +0.100 | 0.010 | +10.0 | 0.950 | 100 | - |" \
+        in report
+    assert "1 of 5 needs-both scenes repeat a training scene" in report
+    good = C.render_report(hand_results([0.95, 0.91, 0.97], [0.1, 0.05, 0.03]))
+    assert "3 of 3 seeds" in good and "margin > 0 in 3 of 3" in good
+    assert ">= +0.05: met" in good and "Failures: none." in good
+    assert "Ablations" not in good
+    with_arms = hand_results([0.95, 0.91, 0.97], [0.1, 0.05, 0.03])
+    with_arms["ablations"] = {"causal": {"fidelity": {c: 0.5 for c in C.EVAL_COMBOS},
+                                         "needs_both_EK": 0.6,
+                                         "needs_both_margin_per_seed": [-0.2, -0.1, -0.3],
+                                         "seen_pairs_per_seed": [0.6, 0.7, 0.8]}}
+    assert "| -0.200 ± 0.100 [-0.300] | 0.700 ± 0.100 [0.600] |" in C.render_report(with_arms)
+
+
+def test_smoke_run_record_is_consistent(tmp_path):
+    # two model seeds on one data seed: every summary agrees with the per-seed numbers
+    res = C.main(["--smoke", "--seeds", "2", "--seed", "3", "--data-seed", "1", "--workers", "1",
+                  "--out", str(tmp_path)])
+    saved = json.load(open(os.path.join(tmp_path, "results.json")))
+    assert saved["seeds"] == [3, 4] and saved["data_seed"] == 1 and saved["unseen"] == C.UNSEEN
+    full = saved["arms"]["full"]
+    assert set(full) == set(C.EVAL_COMBOS)
+    for key in C_KEYS + ("ceiling",):
+        assert key in full["E+K"]
+    needs = saved["needs_both"]
+    assert needs["n_scenes"] == 4 and needs["samples_per_scene"] == 2
+    assert needs["ceiling"]["E+K"] == 1.0 and needs["ceiling"]["E"] < 1
+    best = max(needs["ceiling"]["E"], needs["ceiling"]["K"])
+    assert needs["best_single_ceiling"] == best
+    margins = [f - best for f in needs["fidelity_per_seed"]["E+K"]]
+    torch.testing.assert_close(torch.tensor(needs["margin_per_seed"]), torch.tensor(margins))
+    health = saved["health"]
+    seen = [(a + b) / 2 for a, b in zip(full["E+D"]["fidelity_per_seed"],
+                                        full["D+K"]["fidelity_per_seed"])]
+    torch.testing.assert_close(torch.tensor(health["seen_pairs_per_seed"]), torch.tensor(seen))
+    for i, singles in enumerate(health["single_vs_ceiling_per_seed"]):
+        for c in ("E", "K"):
+            want = needs["fidelity_per_seed"][c][i] - needs["ceiling"][c]
+            torch.testing.assert_close(singles[c], want)
+    assert [[p["step"] for p in probes] for probes in health["binding_probe_per_seed"]] == [
+        [0, 3, 6]] * 2
+    assert res["kv_cache_identical"] and len(res["kv_cache_speedup_repeats"]) == 3
+    assert saved["kv_cache_speedup"] == float(np.median(saved["kv_cache_speedup_repeats"]))
+    smoke = {"steps": 6, "batch": 8, "width": 32, "layers": 1, "heads": 2, "n_train": 64,
+             "n_eval": 6, "n_needs_both": 4, "samples_per_scene": 2}
+    assert {k: saved["config"][k] for k in smoke} == smoke
+    assert len(saved["train_cpu_time_s_per_seed"]) == 2 and saved["cpu_time_s"] > 0
+    assert open(os.path.join(tmp_path, "results.md")).read() == C.render_report(saved)
+    assert os.path.getsize(os.path.join(tmp_path, "contextar.png")) > 1000
+
+
+C_KEYS = ("edge_f1", "depth_acc", "keypoint_hit", "fidelity", "bits_per_token",
+          "checklist_explicit", "checklist_implicit")
+
+
+def test_sample_grid_places_each_tile():
+    # two needs-both rows, one shown combo: columns true image, E map, K map, sample; tiles of
+    # 8 cells x 5 px with a 4 px gap, so tile (r, c) starts at (4 + 44 r, 4 + 44 c)
+    data = scenes(2)
+    shown = {"E+K": [[C.MOON] * 64, [C.SNOW] * 64]}
+    grid, ticks, names = C.sample_grid(data, shown, 2)
+    assert grid.shape == (2 * 44 + 4, 4 * 44 + 4, 3) and names == ["true", "E map", "K map", "E+K"]
+    assert ticks == [4 + 44 * c + 20 for c in range(4)]
+    assert tuple(grid[4 + 44, 4 + 3 * 44]) == C.RGB[C.SNOW]  # row 1's sample: snow everywhere
+    assert tuple(grid[4, 4 + 3 * 44 + 39]) == C.RGB[C.MOON]  # row 0's sample, last pixel column
+    first_cell = C.RGB[int(data["image"][1, 0])]
+    assert tuple(grid[4 + 44 + 4, 4 + 4]) == first_cell  # row 1's true image, cell (0, 0)
+    edge = int(data["cond"][0, 0, 0]) * 255  # the E map: 255 on an edge cell, else 0
+    assert tuple(grid[4, 4 + 44]) == (edge, edge, edge)
+    assert tuple(grid[0, 0]) == (255, 255, 255)  # the gap stays white
