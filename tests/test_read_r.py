@@ -1,9 +1,10 @@
-"""Tests for read_r.py: the judge and the reward, the chain metric, the ad generator, the model's
-previous-word feature and KV-cache decoding with its answer budget, SFT and GRPO steps, and an
-evaluation of a scripted policy whose answers are known."""
+"""Tests for read_r.py: the judge and the reward, the chain check, the ad generator, the model's
+previous-word feature and KV-cache decoding with its answer budget, SFT and GRPO steps, the base's
+training and warm-start, evaluations of scripted policies whose answers are known, the gates, the
+per-seed verdicts and the rendered record."""
 import json
+import math
 import random
-import time
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ import torch
 import read_r
 
 SLOT = read_r.SLOT_OF
+CPU = torch.device("cpu")
 
 
-# --- the judge and the reward ---
+# --- the judge, the reward and the chain ---
 
 
 def test_answer_reward_exact_partial_hedge_contradiction_length():
@@ -76,14 +78,16 @@ def test_strict_relaxed_hand_list():
     assert read_r.strict_relaxed([]) == (0.0, 0.0)
 
 
-def test_chain_correct():
-    check = read_r.chain_correct
-    assert check(["m3", "joke"], "m3", "joke", SLOT) == (True, True)  # the whole chain
-    assert check(["m3"], "m3", "joke", SLOT) == (True, False)  # the first hop only
-    assert check(["car", "m3", "joke"], "m3", "joke", SLOT) == (True, True)  # a product is harmless
+def test_chain_check_full_chain_and_mark_only():
+    check = read_r.chain_check
+    # (full, mark_only)
+    assert check(["m3", "joke"], "m3", "joke", SLOT) == (True, False)  # "m C": the whole chain
+    assert check(["m3"], "m3", "joke", SLOT) == (False, True)  # "m" alone, reported apart
+    assert check(["car", "m3", "joke"], "m3", "joke", SLOT) == (True, False)  # a product: harmless
     assert check(["joke", "m3"], "m3", "joke", SLOT) == (False, False)  # the cue before the mark
     assert check(["m3", "skull"], "m3", "joke", SLOT) == (False, False)  # the wrong cue
     assert check(["m4", "joke"], "m3", "joke", SLOT) == (False, False)  # the wrong mark
+    assert check(["m4"], "m3", "joke", SLOT) == (False, False)
     assert check(["m3", "m4", "joke"], "m3", "joke", SLOT) == (False, False)  # two marks: a list
     assert check(["m3", "joke", "skull"], "m3", "joke", SLOT) == (False, False)  # two cues
     assert check([], "m3", "joke", SLOT) == (False, False)
@@ -95,7 +99,7 @@ def test_chain_hits_reads_two_hop_rows_only():
     texts = ["<think> m3 joke</think><answer> safety</answer>", "<think> m3 joke</think>",
              "<think> m5</think><answer> safety</answer>", "<answer> safety</answer>"]
     hits = read_r.chain_hits(texts, rows)
-    assert [tuple(h) for h in hits] == [(True, True), (True, False), (False, False)]
+    assert [tuple(h) for h in hits] == [(True, False), (False, True), (False, False)]
 
 
 # --- the generator ---
@@ -146,6 +150,10 @@ def test_questions_answers_and_traces_by_hand():
     # asked = 3 (trophy): THEME[0][3] = THEMES[LATIN[0][3]] = THEMES[3] = status
     theme = read_r.question(ad, "cue_theme", 3)
     assert (theme["arg"], theme["answer"], theme["chain"]) == ("trophy", "status", "trophy")
+    # mark_theme, asked = 2 (crowd, mark m9): trace "m9 crowd", THEME[0][2] = THEMES[2] belonging
+    mark_theme = read_r.question(ad, "mark_theme", 2)
+    assert (mark_theme["arg"], mark_theme["answer"], mark_theme["chain"]) == (
+        "m9", "belonging", "m9 crowd")
     # the Latin square: neither the product nor the cue alone fixes the theme
     assert all(len(set(row)) == 4 for row in read_r.THEME)
     assert all(len({read_r.THEME[p][c] for p in range(4)}) == 4 for c in range(4))
@@ -161,14 +169,17 @@ def test_questions_answers_and_traces_by_hand():
 def test_make_rows_and_samplers():
     rows = read_r.make_rows(random.Random(0), 3)
     assert [r["type"] for r in rows] == list(read_r.TYPES) * 3
-    # the base's sampler: one-hop questions only, then n_warm two-hop ones in each mode
-    sample = read_r.base_sampler(random.Random(0), 6, 2, 2)
-    rows, modes = sample(2)
-    assert len(rows) == 6 and "two_hop" not in {r["type"] for r in rows}
-    rows, modes = sample(3)
-    assert len(rows) == 10
-    warm = [(r["type"], m) for r, m in zip(rows, modes) if r["type"] == "two_hop"]
-    assert sorted(warm) == [("two_hop", "direct")] * 2 + [("two_hop", "reason")] * 2
+    # the base's one-hop data: no two-hop question, and mark_theme only with its trace
+    sample = read_r.fresh_sampler(random.Random(0), 400, read_r.ONE_HOP, read_r.BASE_MODES)
+    rows, modes = sample(1)
+    seen = {(r["type"], m) for r, m in zip(rows, modes)}
+    assert seen == {(t, m) for t in read_r.ONE_HOP for m in ("reason", "direct")} - {
+        ("mark_theme", "direct")}
+    # the warm-start: 6 one-hop questions, then 2 two-hop ones with their trace, 2 answered at once
+    rows, modes = read_r.warm_sampler(random.Random(0), 6, 2)(1)
+    assert len(rows) == 10 and "two_hop" not in {r["type"] for r in rows[:6]}
+    assert [(r["type"], m) for r, m in zip(rows[6:], modes[6:])] == [
+        ("two_hop", "reason")] * 2 + [("two_hop", "direct")] * 2
     # every arm sees the same question stream
     a = read_r.question_stream(list(range(50)), 4, seed=1)
     b = read_r.question_stream(list(range(50)), 4, seed=1)
@@ -188,9 +199,6 @@ def test_tokenizer_round_trip():
     assert all((i >= tok.n_specials) == (w in read_r.WORDS) for i, w in zip(ids, words))
 
 
-# --- the model ---
-
-
 def test_previous_word_skips_tags():
     # ids: tags are < 3 here; sequence [5, 1, 6, 2, 2, 7]: previous words (strictly before)
     # pos 0: first (9); 1: 5; 2: 5; 3: 6; 4: 6; 5: 6
@@ -201,45 +209,82 @@ def test_previous_word_skips_tags():
         read_r.previous_word(tokens, tokens >= 3, torch.tensor([[9]]))
 
 
+# --- the model ---
+
+
+def test_last_word_and_block_shapes():
+    # n_specials 3: [5, 1, 6, 2] → 6; [2, 1, 0, 0] (tags only) → first (9); [7] → 7
+    idx = torch.tensor([[5, 1, 6, 2], [2, 1, 0, 0], [7, 0, 0, 0]])
+    assert read_r.last_word(idx, 3, torch.tensor([9, 9, 9])).tolist() == [6, 9, 7]
+    block = read_r.Block(16, 4)
+    x = torch.randn(2, 5, 16)
+    assert block(x).shape == (2, 5, 16)
+    # the cache holds (B, n_head, T, hs) and grows by one position a step
+    cache = read_r.KVCache()
+    block(x, cache)
+    assert cache.k.shape == (2, 4, 5, 4)
+    block(x[:, :1], cache)
+    assert cache.k.shape == cache.v.shape == (2, 4, 6, 4)
+
+
 def test_kv_cache_decoding_equals_full_recompute():
+    # a prompt with tags (ids < 8) and words; decoding with the cache (which must carry the last
+    # word across steps for the previous-word feature) equals recomputing the whole sequence
     torch.manual_seed(0)
-    model = read_r.GPT(30, 8, 16, 1, 2)
+    model = read_r.GPT(30, 8, 16, 2, 2)
     model.eval()
-    prompt = torch.randint(0, 30, (3, 7))
+    prompt = torch.randint(0, 30, (5, 7))
+    prompt[:, -1] = 3  # the prompt ends with a tag, so the last word is further back
     ids = {"<answer>": 29, "</answer>": 28, "<pad>": 0}
     tokens, alive, chosen = read_r.generate(model, prompt, 6, ids, answer_words=9, greedy=True)
     seq = prompt
     for _ in range(6):  # greedy without a cache: recompute the whole sequence each step
-        nxt = model(seq)[0][:, -1].argmax(-1)
+        nxt = model(seq)[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], 1)
     ref = seq[:, 7:]
     assert torch.equal(tokens[alive], ref[alive])
     # the log-probs of the response equal those of a step-by-step loop
     lp = read_r.response_logp(model, prompt, ref)
-    steps = [torch.log_softmax(model(seq[:, :7 + t])[0][:, -1], -1).gather(-1, ref[:, t:t + 1])[:, 0]
+    steps = [torch.log_softmax(model(seq[:, :7 + t])[:, -1], -1).gather(-1, ref[:, t:t + 1])[:, 0]
              for t in range(6)]
     torch.testing.assert_close(lp, torch.stack(steps, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_gpt_embeddings_start_small():
+    # both embeddings are drawn from N(0, 0.02²) (3136 values each: the sample std within 10 %)
+    torch.manual_seed(0)
+    model = read_r.GPT(49, 12, 64, 1, 4)
+    for weight in (model.tok.weight, model.prev.weight):
+        assert abs(weight.std().item() - 0.02) < 0.002
+        assert abs(weight.mean().item()) < 0.002
+
+
 class Scripted(torch.nn.Module):
-    """A policy whose next word is policy(words so far); generate() passes the words as the cache."""
+    """A policy whose next word is policy(words so far); the first KVCache keeps the words."""
 
     def __init__(self, tok, policy):
         super().__init__()
         self.tok = tok
         self.policy = policy
         self.n_specials = tok.n_specials
+        self.blocks = [None]  # one KVCache
 
-    def forward(self, idx, cache=None):
-        seq = idx if cache is None else torch.cat([cache, idx], 1)
+    def words_of(self, idx, caches):
+        seq = idx
+        if caches is not None:
+            seq = caches[0].append(idx[:, None, :, None], idx[:, None, :, None])[0][:, 0, :, 0]
+        return seq
+
+    def forward(self, idx, caches=None, first=None):
+        seq = self.words_of(idx, caches)
         logits = torch.full((idx.shape[0], idx.shape[1], len(self.tok.vocab)), -30.0)
         for i, row in enumerate(seq.tolist()):
             words = [self.tok.vocab[j] for j in row]
             logits[i, -1, self.tok.id[self.policy(words)]] = 30.0
-        return logits, seq
+        return logits
 
 
-def solve(words, think_override=None):
+def solve(words):
     """The right next word of a response: chain "m C", then the theme of the last think cue."""
     frames = words[1:11]
     pairs = list(zip(frames[0::2], frames[1::2]))
@@ -263,6 +308,16 @@ def solve(words, think_override=None):
     return "</answer>"
 
 
+class Fixed(torch.nn.Module):
+    """Logits [−100, 0, ln 9, −100] at every position; no tags (n_specials 0)."""
+    n_specials = 0
+    blocks = []
+
+    def forward(self, idx, caches=None, first=None):
+        row = torch.tensor([-100.0, 0.0, torch.log(torch.tensor(9.0)).item(), -100.0])
+        return row.expand(idx.shape[0], idx.shape[1], 4).clone()
+
+
 def test_generate_closes_the_answer_after_its_budget():
     tok = read_r.Tokenizer()
     row = read_r.question(read_r.make_ad(random.Random(0)), "two_hop", 0)
@@ -276,268 +331,14 @@ def test_generate_closes_the_answer_after_its_budget():
     assert words == ["safety", "safety", "</answer>", "<pad>", "<pad>"]
     assert alive[0].tolist() == [True, True, True, False, False]
     assert chosen[0].tolist() == [True, True, False, False, False]
+    # "m0" is the first word id (= n_specials): it fills the answer budget like any other word
+    assert tok.id["m0"] == tok.n_specials
+    tokens, alive, chosen = read_r.generate(Scripted(tok, lambda words: "m0"), prompt, 4, tok.id, 1)
+    assert [tok.vocab[i] for i in tokens[0].tolist()] == ["m0", "</answer>", "<pad>", "<pad>"]
+    assert chosen[0].tolist() == [True, False, False, False]
 
 
-def test_evaluate_a_scripted_policy():
-    tok = read_r.Tokenizer()
-    cfg = read_r.Config(n_train=2, n_test=6, answer_words=1)
-    rng = random.Random(0)
-    train = read_r.make_rows(rng, 2)
-    test = read_r.make_rows(rng, 6)
-    model = Scripted(tok, solve)
-    res = read_r.evaluate(model, tok, train, test, "reason", cfg, torch.device("cpu"), 0)
-    # the scripted policy writes "m C" and the theme of C: every two-hop answer right, chain 1
-    assert res["per_task"]["two_hop"] == {"strict": 1.0, "relaxed": 1.0}
-    assert res["chain_rate"] == 1.0 and res["full_chain_rate"] == 1.0
-    assert res["chain_rate_greedy"] == 1.0
-    assert res["acc_given_chain"] == {"chain": 1.0, "no_chain": None}
-    # the other types get the two-hop answer: product_mark wants m, mark_cue C' → wrong
-    assert res["per_task"]["product_mark"]["strict"] == 0.0
-    assert res["train_per_task"]["two_hop"] == 1.0
-    torch.testing.assert_close(res["strict"], 0.25 + 0.25 * res["per_task"]["cue_theme"]["strict"]
-                               + 0.25 * res["per_task"]["mark_cue"]["strict"])
-    # the readiness check: right with thinking, "m0" when answering at once → 1/2
-    two_hop = [r for r in test if r["type"] == "two_hop"]
-    assert read_r.one_hop_accuracy(model, tok, two_hop, cfg, torch.device("cpu")) == 0.5
-    # scramble: two random frame words replace "m C"; the answer follows the scrambled cue
-    assert res["scramble_two_hop"] < 1.0
-    torch.testing.assert_close(res["scramble_drop"], 1.0 - res["scramble_two_hop"])
-
-
-# --- the paper's method: GRPO (the same text as flowrl.py and ssrl.py) ---
-
-
-def test_group_normalize_hand():
-    # [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 · 0.25 / 3) = 0.57735 → ±0.5 / 0.57735 = ±0.86603
-    out = read_r.group_normalize(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.3, 0.3, 0.3, 0.3]]))
-    torch.testing.assert_close(out[0], torch.tensor([0.86603, -0.86603, -0.86603, 0.86603]),
-                               atol=1e-4, rtol=0)
-    torch.testing.assert_close(out[1], torch.zeros(4))
-
-
-def test_grpo_loss_hand():
-    # ratios 1.5 and 0.5, Â = 1, ε = 0.2: max(−1.5, −1.2) = −1.2, max(−0.5, −0.8) = −0.5 → −0.85
-    old = torch.zeros(1, 2)
-    logp = torch.log(torch.tensor([[1.5, 0.5]]))
-    ref = torch.zeros(1, 2)
-    # k3 with u = ref − logp = (−ln 1.5, −ln 0.5): (1/1.5 + ln 1.5 − 1 + 2 − ln 2 − 1) / 2
-    k3 = ((1 / 1.5 + torch.log(torch.tensor(1.5)) - 1) + (2 + torch.log(torch.tensor(0.5)) - 1)) / 2
-    loss, terms = read_r.grpo_loss(logp, old, ref, torch.ones(1, 2), torch.tensor([1.0]), 0.2, 0.01)
-    torch.testing.assert_close(terms["pg_loss"], torch.tensor(-0.85))
-    torch.testing.assert_close(terms["kl"], k3)
-    torch.testing.assert_close(loss, torch.tensor(-0.85) + 0.01 * k3)
-    torch.testing.assert_close(terms["clip_frac"], torch.tensor(1.0))  # both outside [0.8, 1.2]
-    # Â = −1: max(1.5, 1.2) = 1.5 and max(0.5, 0.8) = 0.8 (the clip's lower end binds) → 1.15
-    _, terms = read_r.grpo_loss(logp, old, ref, torch.ones(1, 2), torch.tensor([-1.0]), 0.2, 0.0)
-    torch.testing.assert_close(terms["pg_loss"], torch.tensor(1.15))
-
-
-# --- training ---
-
-
-def test_batch_tensors_and_sft_loss_by_hand():
-    tok = read_r.Tokenizer()
-    row = read_r.question(read_r.make_ad(random.Random(0)), "two_hop", 0)
-    x, m = read_r.batch_tensors(tok, [row, row], ["direct", "reason"], torch.device("cpu"))
-    n_prompt = len(read_r.prompt_words(row, "direct"))
-    # direct: 17 prompt tokens and 2 target tokens, padded to the reason row's 15 + 6 = 21
-    assert x.shape == (2, 21)
-    assert m[0].tolist() == [0.0] * n_prompt + [1.0] * 2 + [0.0] * 2
-    assert m[1].sum().item() == 6 and x[0, -1].item() == tok.id["<pad>"]
-
-    class Uniform(torch.nn.Module):
-        def forward(self, idx):
-            return torch.zeros(idx.shape[0], idx.shape[1], 49), None
-    # uniform logits over 49 tokens: the cross-entropy of every target is ln 49
-    torch.testing.assert_close(read_r.sft_loss(Uniform(), x, m), torch.log(torch.tensor(49.0)))
-
-
-def test_one_sft_step_and_one_grpo_step_move_the_right_way():
-    tok = read_r.Tokenizer()
-    cfg = read_r.Config(steps=1, prompts=2, group=4, lr_rl=1e-2, kl_coef=0.0, log_every=1)
-    rows = read_r.make_rows(random.Random(0), 2)
-    torch.manual_seed(0)
-    model = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
-    x, m = read_r.batch_tensors(tok, rows, ["reason"] * len(rows), torch.device("cpu"))
-    before = read_r.sft_loss(model, x, m).item()
-
-    seen = []
-
-    def sample(step):
-        seen.append(step)
-        return rows, ["reason"] * len(rows)
-    opt, steps = read_r.sft_train(model, tok, sample, 3, 1e-2, torch.device("cpu"), "t", 10)
-    assert steps == 3 and seen == [1, 2, 3]
-    assert read_r.sft_loss(model, x, m).item() < before
-    # early stop: ready() is asked every log_every steps; the optimizer carries on
-    asked = []
-
-    def ready(m):
-        asked.append(True)
-        return len(asked) == 2
-    same, steps = read_r.sft_train(model, tok, sample, 9, 1e-2, torch.device("cpu"), "t", 2,
-                                   opt=opt, ready=ready)
-    assert same is opt and steps == 4 and len(asked) == 2
-    # GRPO: rewards come from the judge; one step raises the log-prob of the rewarded samples
-    ref = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
-    curve = read_r.grpo_train(model, ref, tok, rows, "reason", cfg, torch.device("cpu"), "t", 0)
-    assert len(curve["reward"]) == 1 and len(curve["chain_n"]) == 1
-    assert 0.0 <= curve["reward"][0] <= 1.0
-
-
-def test_average_and_spread():
-    a = {"x": 1.0, "y": {"z": 2.0}, "n": None}
-    b = {"x": 3.0, "y": {"z": 4.0}, "n": 5.0}
-    assert read_r.average([a, b]) == {"x": 2.0, "y": {"z": 3.0}, "n": 5.0}
-    s = read_r.spread([0.2, 0.6])
-    torch.testing.assert_close(s["mean"], 0.4)
-    torch.testing.assert_close(s["std"], 0.2)
-    assert s["worst"] == 0.2
-    assert read_r.mean_or_none([]) is None
-
-
-def test_per_type():
-    rows = [{"type": "two_hop"}, {"type": "two_hop"}, {"type": "mark_cue"}]
-    assert read_r.per_type(rows, [1.0, 0.5, 0.0]) == {
-        "mark_cue": {"strict": 0.0, "relaxed": 0.0}, "two_hop": {"strict": 0.5, "relaxed": 1.0}}
-
-
-# --- the script ---
-
-
-def test_smoke_writes_results(tmp_path):
-    res = read_r.main(["--smoke", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    for arm in ("base", "sft", "sft_trace", "rl_think", "rl_nothink"):
-        for key in ("strict", "relaxed", "per_task", "train_strict"):
-            assert key in saved["arms"][arm]
-        assert set(saved["arms"][arm]["per_task"]) == set(read_r.TYPES)
-    for key in ("chain_rate_before", "chain_rate_after", "scramble_drop", "acc_given_chain"):
-        assert key in saved["arms"]["rl_think"]
-    for key in ("direct_two_hop", "think_sft_two_hop", "base_chain_rate"):
-        assert key in saved["gate"]
-    assert saved["seeds"] == [0, 1]
-    # --smoke runs the tiny sizes it promises, and records them
-    tiny = {"steps": 3, "seeds": 2, "gate_steps": 3, "base_steps": 4, "warm_traces": 4,
-            "warm_batch": 4, "batch": 8, "n_train": 2, "n_test": 3, "prompts": 4, "group": 4,
-            "log_every": 2}
-    assert {k: saved["config"][k] for k in tiny} == tiny
-    assert res["arms"]["sft"]["strict"] == saved["arms"]["sft"]["strict"]
-    # the summaries agree with the per-seed numbers they summarise
-    arms = saved["arms"]
-    per_seed = saved["two_hop_per_seed"]
-    for arm in ("base", "sft", "sft_trace", "rl_think", "rl_nothink"):
-        torch.testing.assert_close(arms[arm]["per_task"]["two_hop"]["strict"],
-                                   sum(per_seed[arm]) / 2)
-    head = saved["headline"]
-    torch.testing.assert_close(head["rl_think_two_hop"]["mean"], sum(per_seed["rl_think"]) / 2)
-    assert head["rl_nothink_two_hop"]["worst"] == min(per_seed["rl_nothink"])
-    gains = [a - b for a, b in zip(per_seed["rl_think"], per_seed["rl_nothink"])]
-    torch.testing.assert_close(head["rl_think_minus_rl_nothink_two_hop"]["mean"], sum(gains) / 2)
-    gate = saved["gate"]
-    torch.testing.assert_close(gate["direct_two_hop"], sum(gate["per_seed"]["direct_two_hop"]) / 2)
-    assert gate["base_chain_rate"] == arms["rl_think"]["chain_rate_before"] == arms["base"][
-        "chain_rate"]
-    assert arms["rl_think"]["chain_rate_after"] == arms["rl_think"]["chain_rate"]
-    assert len(saved["curves"]) == 2 and len(saved["curves"][0]["rl_think"]["reward"]) == 3
-    assert "chain_rate" not in arms["rl_nothink"] and "scramble_drop" in arms["sft_trace"]
-    assert (tmp_path / "read_r.png").exists()
-
-
-@pytest.mark.parametrize("argv", [["--group", "1"], ["--n-train", "0"], ["--d-model", "30"],
-                                  ["--temperature", "0"], ["--warm-traces", "-1"],
-                                  ["--base-target", "1.5"]])
-def test_bad_input_exits_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        read_r.main(argv)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_data_file(tmp_path, capsys):
-    rows = read_r.make_rows(random.Random(0), 3)
-    path = tmp_path / "ads.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = read_r.Config(data=str(path))
-    train, test = read_r.load_rows(cfg, 0)
-    assert train == rows[:9] and test == rows[9:]  # 80/20 of 12 rows
-    path.write_text(json.dumps(dict(rows[0], type="XX")) + "\n")
-    with pytest.raises(SystemExit) as e:
-        read_r.main(["--data", str(path), "--smoke"])
-    assert e.value.code == 2
-    assert "type 'XX'" in capsys.readouterr().err
-
-
-# --- more behaviour: the loss's corners, sampling temperature, summaries over seeds ---
-
-
-def test_grpo_loss_token_mean_clip_fraction_and_gradient_direction():
-    ratio = torch.tensor([[1.1, 1.5]])
-    # π_old is not uniform: ρ = exp(logp − old_logp), both shifted by −0.3
-    logp = torch.log(ratio) - 0.3
-    old = torch.full((1, 2), -0.3)
-    # Â = 1, ε = 0.2: 1.1 is inside the clip (ℓ = −1.1), 1.5 outside (max(−1.5, −1.2) = −1.2);
-    # token mean −1.15; one of two tokens clipped → clip fraction 0.5
-    _, terms = read_r.grpo_loss(logp, old, logp, torch.ones(1, 2), torch.tensor([1.0]), 0.2, 0.0)
-    torch.testing.assert_close(terms["pg_loss"], torch.tensor(-1.15))
-    torch.testing.assert_close(terms["clip_frac"], torch.tensor(0.5))
-    # mask [1, 0]: only the first token counts → −1.1, nothing clipped
-    _, terms = read_r.grpo_loss(logp, old, logp, torch.tensor([[1.0, 0.0]]), torch.tensor([1.0]),
-                                0.2, 0.0)
-    torch.testing.assert_close(terms["pg_loss"], torch.tensor(-1.1))
-    torch.testing.assert_close(terms["clip_frac"], torch.tensor(0.0))
-    # an all-zero mask (no action taken) is a loss of 0, not 0 / 0
-    loss, _ = read_r.grpo_loss(logp, old, logp, torch.zeros(1, 2), torch.tensor([1.0]), 0.2, 0.1)
-    assert loss.item() == 0.0
-    # the gradient: at ρ = 1 (π_old = π_θ) dℓ/dlogp = −Â / n_tokens: rows Â = +1, −1, one token each
-    # → −0.5 (raise the rewarded response), +0.5 (lower the other)
-    lp = torch.zeros(2, 1, requires_grad=True)
-    loss, terms = read_r.grpo_loss(lp, lp.detach(), lp.detach(), torch.ones(2, 1),
-                                   torch.tensor([1.0, -1.0]), 0.2, 0.0)
-    loss.backward()
-    torch.testing.assert_close(lp.grad, torch.tensor([[-0.5], [0.5]]))
-    # the logged terms carry no graph
-    assert loss.requires_grad and not any(v.requires_grad for v in terms.values())
-
-
-def test_grpo_loss_kl_clamps():
-    # u = ref − logp = +30 and −30; clamped to ±20: e^20 − 21 and e^−20 + 19, each clamped to 10
-    logp = torch.zeros(1, 2)
-    ref = torch.tensor([[30.0, -30.0]])
-    _, terms = read_r.grpo_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), 0.2, 1.0)
-    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
-    # unclamped k3: (e^30 − 31 + e^−30 + 29) / 2
-    _, terms = read_r.grpo_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), 0.2, 1.0,
-                                kl_clamp=False)
-    want = (torch.exp(torch.tensor(30.0, dtype=torch.float64)) - 2) / 2
-    torch.testing.assert_close(terms["kl"].double(), want, rtol=1e-5, atol=0)
-    # u = 10 (inside ±20): e^10 − 11 = 22015.5 > 10 → the estimate's clamp alone gives 10
-    _, terms = read_r.grpo_loss(logp[:, :1], logp[:, :1], torch.tensor([[10.0]]), torch.ones(1, 1),
-                                torch.tensor([0.0]), 0.2, 1.0)
-    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
-    # a token the policy gives probability 0 (logp = −inf): u = +inf is clamped to 20 first, so
-    # the estimate stays 10 instead of inf − inf = NaN
-    _, terms = read_r.grpo_loss(torch.tensor([[-float("inf")]]), torch.zeros(1, 1),
-                                torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([0.0]), 0.2, 1.0)
-    torch.testing.assert_close(terms["kl"], torch.tensor(10.0))
-
-
-def test_group_normalize_single_sample_groups():
-    # G = 1: mean 0 and std 1 (verl), so r̂ = r / (1 + 1e-6)
-    out = read_r.group_normalize(torch.tensor([[0.5], [2.0]]))
-    torch.testing.assert_close(out, torch.tensor([[0.5], [2.0]]) / (1 + 1e-6))
-
-
-class Fixed(torch.nn.Module):
-    """Logits [−100, 0, ln 9, −100] at every position; no tags (n_specials 0)."""
-    n_specials = 0
-
-    def forward(self, idx, cache=None):
-        row = torch.tensor([-100.0, 0.0, torch.log(torch.tensor(9.0)).item(), -100.0])
-        return row.expand(idx.shape[0], idx.shape[1], 4).clone(), None
-
-
-def test_generate_samples_at_its_temperature():
+def test_generate_samples_at_its_temperature_from_its_own_stream():
     ids = {"<pad>": 0, "<answer>": 3, "</answer>": 3}
     prompt = torch.ones(4000, 1, dtype=torch.long)
     # T = 2: p ∝ (1, 9^(1/2)) = (1, 3) → P(token 2) = 0.75 (T = 1 would give 0.9, T = 1/2 0.988)
@@ -551,15 +352,153 @@ def test_generate_samples_at_its_temperature():
     assert abs((tokens[:, 0] == 2).float().mean().item() - 0.9) < 0.03
     tokens, _, _ = read_r.generate(Fixed(), prompt[:3], 1, ids, 1, greedy=True)
     assert tokens[:, 0].tolist() == [2, 2, 2]
+    # a generator of its own: the same draws from the same seed, torch's global stream untouched
+    state = torch.get_rng_state()
+    draws = [read_r.generate(Fixed(), prompt[:50], 1, ids, 1,
+                             generator=torch.Generator().manual_seed(7))[0] for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(torch.get_rng_state(), state)
 
 
-def test_gpt_embeddings_start_small():
-    # both embeddings are drawn from N(0, 0.02²) (3136 values each: the sample std within 10 %)
+# --- training ---
+
+
+def test_batch_tensors_and_sft_loss_by_hand():
+    tok = read_r.Tokenizer()
+    row = read_r.question(read_r.make_ad(random.Random(0)), "two_hop", 0)
+    x, m = read_r.batch_tensors(tok, [row, row], ["direct", "reason"], CPU)
+    n_prompt = len(read_r.prompt_words(row, "direct"))
+    # direct: 17 prompt tokens and 2 target tokens, padded to the reason row's 15 + 6 = 21
+    assert x.shape == (2, 21)
+    assert m[0].tolist() == [0.0] * n_prompt + [1.0] * 2 + [0.0] * 2
+    assert m[1].sum().item() == 6 and x[0, -1].item() == tok.id["<pad>"]
+
+    class Uniform(torch.nn.Module):
+        def forward(self, idx):
+            return torch.zeros(idx.shape[0], idx.shape[1], 50)
+    # uniform logits over the 50 tokens: the cross-entropy of every target is ln 50
+    assert len(tok.vocab) == 50
+    torch.testing.assert_close(read_r.sft_loss(Uniform(), x, m), torch.log(torch.tensor(50.0)))
+
+
+def test_sft_train_steps_early_stop_and_a_fresh_optimizer_each_call():
+    tok = read_r.Tokenizer()
+    rows = read_r.make_rows(random.Random(0), 2)
     torch.manual_seed(0)
-    model = read_r.GPT(49, 12, 64, 1, 4)
-    for weight in (model.tok.weight, model.prev.weight):
-        assert abs(weight.std().item() - 0.02) < 0.002
-        assert abs(weight.mean().item()) < 0.002
+    model = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
+    x, m = read_r.batch_tensors(tok, rows, ["reason"] * len(rows), CPU)
+    before = read_r.sft_loss(model, x, m).item()
+    seen = []
+
+    def sample(step):
+        seen.append(step)
+        return rows, ["reason"] * len(rows)
+    assert read_r.sft_train(model, tok, sample, 3, 1e-2, CPU, read_r.Tag("t", 0, 10)) == 3
+    assert seen == [1, 2, 3] and read_r.sft_loss(model, x, m).item() < before
+    # early stop: ready() is asked every log_every steps
+    asked = []
+
+    def ready(m):
+        asked.append(True)
+        return len(asked) == 2
+    assert read_r.sft_train(model, tok, sample, 9, 1e-2, CPU, read_r.Tag("t", 0, 2), ready) == 4
+    assert len(asked) == 2
+    # each call starts a fresh Adam at its own lr: its first step equals a new Adam's first step
+    # from the same weights (a reused Adam state would move the weights differently)
+    twin = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
+    twin.load_state_dict(model.state_dict())
+    read_r.sft_train(model, tok, sample, 1, 3e-4, CPU, read_r.Tag("t", 0, 10))
+    opt = torch.optim.Adam(twin.parameters(), lr=3e-4)
+    read_r.update(opt, twin, read_r.sft_loss(twin, x, m))
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step():
+    tok = read_r.Tokenizer()
+    rows = read_r.make_rows(random.Random(0), 1)
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, idx):
+            return torch.full((idx.shape[0], idx.shape[1], len(tok.vocab)), float("nan")) + self.w
+    with pytest.raises(read_r.NonFinite, match="step 1: the t SFT loss is nan"):
+        read_r.sft_train(Broken(), tok, lambda step: (rows, ["reason"] * len(rows)), 3, 1e-3, CPU,
+                         read_r.Tag("t", 0, 1))
+
+
+def test_train_base_readiness_with_thinking_then_warm_start_with_a_fresh_optimizer(monkeypatch):
+    # stand-ins record what the base's training asks for
+    cfg = read_r.Config(base_steps=11, warm_traces=5, warm_batch=2, batch=6, n_embd=16, n_head=2)
+    calls = []
+    asked_modes = set()
+    asked_types = set()
+    accuracy = [cfg.base_target]
+
+    def fake_sft(model, tok, sample, steps, lr, device, tag, ready=None):
+        rows, modes = sample(1)
+        calls.append((tag.arm, steps, lr, sorted({(r["type"], m) for r, m in zip(rows, modes)})))
+        if ready is None:
+            return steps
+        answers = [ready(model)]
+        accuracy[0] = cfg.base_target - 0.01
+        answers.append(ready(model))
+        assert answers == [True, False]  # ready at exactly the target, not below
+        return 9
+
+    def fake_accuracy(model, tok, rows, mode, cfg, device):
+        asked_modes.add(mode)
+        asked_types.update(r["type"] for r in rows)
+        return accuracy[0]
+    monkeypatch.setattr(read_r, "sft_train", fake_sft)
+    monkeypatch.setattr(read_r, "greedy_accuracy", fake_accuracy)
+    base, steps = read_r.train_base(read_r.Tokenizer(), cfg, CPU, 0)
+    assert steps == 9 and isinstance(base, read_r.GPT)
+    # readiness: one-hop questions answered after their trace only (answering at once is no part
+    # of the chain), 32 ads × 4 one-hop types
+    assert asked_modes == {"reason"} and asked_types == set(read_r.ONE_HOP)
+    # the base: one-hop only at lr_base; the warm-start: ceil(5 / 2) = 3 steps at lr_warm, two-hop
+    # questions in both modes beside the one-hop ones
+    assert [c[:3] for c in calls] == [("base", 11, cfg.lr_base), ("warm-start", 3, cfg.lr_warm)]
+    assert "two_hop" not in {t for t, m in calls[0][3]}
+    assert {("two_hop", "reason"), ("two_hop", "direct")} <= set(calls[1][3])
+    # no warm-start when warm_traces is 0
+    calls.clear()
+    accuracy[0] = cfg.base_target
+    read_r.train_base(read_r.Tokenizer(), read_r.Config(warm_traces=0, base_steps=2, batch=2,
+                                                        n_embd=16, n_head=2), CPU, 0)
+    assert [c[0] for c in calls] == ["base"]
+
+
+def test_train_gate_direct_fixed_steps_think_until_target(monkeypatch):
+    cfg = read_r.Config(gate_steps=7, think_gate_steps=13, batch=40, n_embd=16, n_head=2)
+    calls = []
+    asked = []
+
+    def fake_sft(model, tok, sample, steps, lr, device, tag, ready=None):
+        rows, modes = sample(1)
+        calls.append((tag.arm, steps, lr, set(modes), ready is None))
+        if ready is not None:
+            assert ready(model) and not ready(model)
+        return steps
+
+    def fake_accuracy(model, tok, rows, mode, cfg, device):
+        asked.append((mode, {r["type"] for r in rows}, len(rows)))
+        return [cfg.think_target, cfg.think_target - 0.01][len(asked) - 1]
+    monkeypatch.setattr(read_r, "sft_train", fake_sft)
+    monkeypatch.setattr(read_r, "greedy_accuracy", fake_accuracy)
+    tok = read_r.Tokenizer()
+    assert read_r.train_gate(tok, cfg, CPU, 0, "direct")[1] == 7
+    assert read_r.train_gate(tok, cfg, CPU, 0, "reason")[1] == 13
+    assert calls == [("gate_direct", 7, cfg.lr_base, {"direct"}, True),
+                     ("gate_think_sft", 13, cfg.lr_base, {"reason"}, False)]
+    # the think gate stops once its two-hop accuracy (64 fresh ads) reaches think_target
+    assert asked[0] == ("reason", {"two_hop"}, 64)
+
+
+# --- GRPO training ---
 
 
 class ScriptedAll(Scripted):
@@ -570,10 +509,12 @@ class ScriptedAll(Scripted):
         super().__init__(tok, policy)
         self.bias = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, idx, cache=None):
-        seq = idx if cache is None else torch.cat([cache, idx], 1)
-        n_new = idx.shape[1]
-        logits = torch.zeros(idx.shape[0], n_new, len(self.tok.vocab))
+    def forward(self, idx, caches=None, first=None):
+        return self.scores(self.words_of(idx, caches), idx.shape[1])
+
+    def scores(self, seq, n_new):
+        """Logits (B, n_new, V) of the last n_new positions of the words so far seq (B, T)."""
+        logits = torch.zeros(seq.shape[0], n_new, len(self.tok.vocab))
         for i, row in enumerate(seq.tolist()):
             words = [self.tok.vocab[j] for j in row]
             for k in range(n_new):
@@ -584,207 +525,7 @@ class ScriptedAll(Scripted):
                     continue
                 logits[i, k] = -30.0
                 logits[i, k, self.tok.id[nxt]] = 30.0
-        return logits + self.bias, seq
-
-
-def test_grpo_train_curve_of_a_policy_that_always_solves():
-    # every sample writes "m C", then the right theme: reward 0.9 · 1 + 0.1 · 1 = 1 for each of the
-    # 2 × 4 samples; every sample is a two-hop chain, whole
-    tok = read_r.Tokenizer()
-    cfg = read_r.Config(steps=2, prompts=2, group=4, log_every=1)
-    rows = [r for r in read_r.make_rows(random.Random(3), 2) if r["type"] == "two_hop"]
-    model = ScriptedAll(tok, solve)
-    curve = read_r.grpo_train(model, ScriptedAll(tok, solve), tok, rows, "reason", cfg,
-                              torch.device("cpu"), "t", 0)
-    assert curve["reward"] == [1.0, 1.0]
-    assert curve["chain_hits"] == [8, 8] and curve["full_chain_hits"] == [8, 8]
-    assert curve["chain_n"] == [8, 8]
-
-
-def by_length(words):
-    """solve, except the answer: right iff the think block holds exactly 2 words, else "m0"."""
-    if words[-1] != "<answer>":
-        return solve(words)
-    frames = words[1:11]
-    pairs = list(zip(frames[0::2], frames[1::2]))
-    product, mark = next((i, m) for m, i in pairs if i in read_r.PRODUCTS)
-    cue = next(i for m, i in pairs if m == mark and i in read_r.CUES)
-    think = words[words.index("<think>") + 1:words.index("</think>")]
-    if len(think) != 2:
-        return "m0"
-    return read_r.THEME[read_r.PRODUCTS.index(product)][read_r.CUES.index(cue)]
-
-
-def test_scramble_keeps_the_think_blocks_length():
-    # the scramble replaces "m C" by 2 frame words: a policy that is right whenever its think block
-    # holds 2 words stays right → scramble accuracy 1, drop 0 (an emptied block would give 0)
-    tok = read_r.Tokenizer()
-    cfg = read_r.Config(n_train=1, n_test=4, answer_words=1)
-    rng = random.Random(1)
-    train = read_r.make_rows(rng, 1)
-    test = read_r.make_rows(rng, 4)
-    res = read_r.evaluate(Scripted(tok, by_length), tok, train, test, "reason", cfg,
-                          torch.device("cpu"), 0)
-    assert res["per_task"]["two_hop"]["strict"] == 1.0
-    assert res["scramble_two_hop"] == 1.0 and res["scramble_drop"] == 0.0
-    # answer_after_think by hand: a 2-word block → right; 1 or 3 words → "m0" → 0
-    two_hop = [r for r in test if r["type"] == "two_hop"][:3]
-    thinks = [["m1", "joke"], ["joke"], ["m1", "m2", "joke"]]
-    texts = read_r.answer_after_think(Scripted(tok, by_length), tok, two_hop, thinks, cfg,
-                                      torch.device("cpu"))
-    assert [read_r.judge(t, r["answer"], SLOT) for t, r in zip(texts, two_hop)] == [1.0, 0.0, 0.0]
-    assert texts[1] == "<think> joke</think><answer> m0</answer>"
-
-
-def fake_seed(cfg, seed, tok, device):
-    """A run_seed stand-in with hand-set numbers: seed 5 → column 0, seed 6 → column 1."""
-    k = seed - 5
-    two = {"base": 0.0, "base_direct": 0.1, "sft": 0.2, "sft_trace": 0.5,
-           "rl_think": [0.8, 0.2][k], "rl_nothink": [0.2, 0.4][k]}
-    arms = {name: {"strict": v, "relaxed": v, "train_strict": v,
-                   "per_task": {t: {"strict": v, "relaxed": v} for t in read_r.TYPES}}
-            for name, v in two.items()}
-    arms["rl_think"].update(chain_rate=[0.95, 0.3][k], chain_rate_before=[0.9, 0.5][k],
-                            chain_rate_after=[0.95, 0.3][k], full_chain_rate=0.0,
-                            acc_given_chain={"chain": 0.5, "no_chain": None},
-                            acc_given_chain_before={"chain": 0.1, "no_chain": None},
-                            scramble_drop=[0.6, 0.0][k])
-    gate = {"direct_two_hop": [0.25, 0.5][k], "think_sft_two_hop": 1.0, "base_chain_rate": 0.9,
-            "base_two_hop": 0.0, "base_steps": [400, 600][k]}
-    curve = {"reward": [0.1, 0.2], "chain_hits": [1, 2], "full_chain_hits": [0, 0],
-             "chain_n": [4, 4]}
-    return {"gate": gate, "arms": arms, "curves": {"rl_think": curve, "rl_nothink": curve},
-            "n_params": 10, "n_train": 4, "n_test": 8}
-
-
-def test_run_summarises_seeds_by_hand(tmp_path, monkeypatch):
-    monkeypatch.setattr(read_r, "run_seed", fake_seed)
-    t0 = time.process_time()
-    res = read_r.run(read_r.Config(seed=5, seeds=2, out=str(tmp_path), device="cpu"))
-    # the CPU time is that of the run alone
-    assert 0 <= res["cpu_time_s"] <= time.process_time() - t0
-    assert res["seeds"] == [5, 6]
-    head = res["headline"]
-
-    def close(got, mean, std, worst):
-        torch.testing.assert_close([got["mean"], got["std"], got["worst"]], [mean, std, worst])
-    # rl_think − rl_nothink: 0.8 − 0.2 = 0.6, 0.2 − 0.4 = −0.2 → mean 0.2, std 0.4, worst −0.2
-    close(head["rl_think_minus_rl_nothink_two_hop"], 0.2, 0.4, -0.2)
-    # best direct: max(0.2, 0.25) = 0.25, max(0.4, 0.5) = 0.5 → 0.55, −0.3: mean 0.125, std 0.425
-    close(head["rl_think_minus_best_direct_two_hop"], 0.125, 0.425, -0.3)
-    close(head["rl_think_two_hop"], 0.5, 0.3, 0.2)
-    close(head["rl_nothink_two_hop"], 0.3, 0.1, 0.2)
-    # chain rate after − before: 0.05, −0.2 → mean −0.075, std 0.125
-    close(head["chain_rate_after_minus_before"], -0.075, 0.125, -0.2)
-    close(head["scramble_drop"], 0.3, 0.3, 0.0)
-    gate = res["gate"]
-    torch.testing.assert_close([gate["direct_two_hop"], gate["base_steps"]], [0.375, 500.0])
-    assert gate["per_seed"]["base_steps"] == [400, 600]
-    torch.testing.assert_close(res["arms"]["rl_think"]["strict"], 0.5)
-    assert res["arms"]["rl_think"]["acc_given_chain"] == {"chain": 0.5, "no_chain": None}
-    assert res["two_hop_per_seed"]["rl_nothink"] == [0.2, 0.4]
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["headline"] == json.loads(json.dumps(head))
-
-
-def test_run_seed_wiring(monkeypatch):
-    # run_seed with stand-ins for training and evaluation that record what they were asked to do
-    cfg = read_r.Config(steps=7, gate_steps=5, base_steps=11, warm_traces=5, warm_batch=2,
-                        batch=6, n_train=1, n_test=1, d_model=16, n_heads=2)
-    calls, grpo_calls, ready_answers, checked_types = [], [], [], set()
-    accuracy = [cfg.base_target]
-
-    def fake_sft(model, tok, sample, steps, lr, device, name, log_every, opt=None, ready=None):
-        rows, modes = sample(1)
-        calls.append((name, steps, lr, sorted(set(modes)), sum(r["type"] == "two_hop" for r in rows)))
-        if ready is not None:
-            ready_answers.append(ready(model))
-            accuracy[0] = cfg.base_target - 0.01
-            ready_answers.append(ready(model))
-        return "opt", 9
-
-    def fake_grpo(model, ref, tok, rows, mode, cfg, device, name, seed):
-        grpo_calls.append((name, mode, ref is base_seen[0], model is ref))
-        return {"reward": [0.5]}
-
-    def fake_one_hop(model, tok, rows, cfg, device):
-        checked_types.update(r["type"] for r in rows)
-        return accuracy[0]
-
-    evals = []
-    base_seen = []
-
-    def fake_eval(model, tok, train, test, mode, cfg, device, seed):
-        evals.append(mode)
-        if len(evals) == 3:
-            base_seen.append(model)
-        v = len(evals) / 10
-        return {"per_task": {t: {"strict": v} for t in read_r.TYPES}, "chain_rate": v,
-                "acc_given_chain": {"chain": v}}
-    monkeypatch.setattr(read_r, "sft_train", fake_sft)
-    monkeypatch.setattr(read_r, "grpo_train", fake_grpo)
-    monkeypatch.setattr(read_r, "one_hop_accuracy", fake_one_hop)
-    monkeypatch.setattr(read_r, "evaluate", fake_eval)
-    res = read_r.run_seed(cfg, 0, read_r.Tokenizer(), torch.device("cpu"))
-    lr, lr_sft = cfg.lr_base, cfg.lr_sft
-    # gates on fresh ads of every type (direct / think traces), the base on one-hop questions, the
-    # warm-start ceil(5 / 2) = 3 steps adding 2 + 2 two-hop questions, then the SFT arms
-    assert [c[:4] for c in calls] == [
-        ("gate_direct", 5, lr, ["direct"]), ("gate_think_sft", 5, lr, ["reason"]),
-        ("base", 11, lr, ["direct", "reason"]), ("warm-start", 3, lr, ["direct", "reason"]),
-        ("sft", 7, lr_sft, ["direct"]), ("sft_trace", 7, lr_sft, ["reason"])]
-    assert calls[2][4] == 0 and calls[3][4] == 4
-    # the base is ready at exactly the target one-hop accuracy, not below; checks are one-hop
-    assert ready_answers == [True, False]
-    assert checked_types == {"product_mark", "mark_cue", "cue_theme"}
-    # GRPO from a copy of the base, with the base as π_ref; think / answer at once
-    assert grpo_calls == [("rl_think", "reason", True, False), ("rl_nothink", "direct", True, False)]
-    # evaluations: gates (direct, reason), base (reason, direct), the 4 arms
-    assert evals == ["direct", "reason", "reason", "direct", "direct", "reason", "reason", "direct"]
-    gate = res["gate"]
-    assert gate["base_steps"] == 9
-    torch.testing.assert_close([gate["direct_two_hop"], gate["think_sft_two_hop"],
-                                gate["base_chain_rate"], gate["base_two_hop"]], [0.1, 0.2, 0.3, 0.3])
-    rl = res["arms"]["rl_think"]
-    torch.testing.assert_close([rl["chain_rate_before"], rl["chain_rate_after"]], [0.3, 0.7])
-    assert rl["acc_given_chain_before"] == {"chain": 0.3}
-    assert set(res["curves"]) == {"rl_think", "rl_nothink"}
-    assert (res["n_train"], res["n_test"]) == (4, 4)
-
-
-def test_generate_counts_the_first_word_id_as_an_answer_word():
-    # "m0" is the first word id (= n_specials): it fills the answer budget like any other word
-    tok = read_r.Tokenizer()
-    assert tok.id["m0"] == tok.n_specials
-    row = read_r.question(read_r.make_ad(random.Random(0)), "two_hop", 0)
-    prompt = torch.tensor([tok.encode(read_r.prompt_words(row, "direct"))])
-    tokens, alive, chosen = read_r.generate(Scripted(tok, lambda words: "m0"), prompt, 4, tok.id, 1)
-    assert [tok.vocab[i] for i in tokens[0].tolist()] == ["m0", "</answer>", "<pad>", "<pad>"]
-    assert chosen[0].tolist() == [True, False, False, False]
-
-
-def test_gpt_cache_carries_the_last_word():
-    # n_specials 8: ids 0–7 are tags, 8 (the first word id) and up are words
-    torch.manual_seed(0)
-    model = read_r.GPT(12, 8, 16, 1, 2)
-    # [8, 2]: the last token is a tag, so the last word is 8; [2, 9] → 9; [3, 2] (tags only) → 0
-    _, cache = model(torch.tensor([[8, 2], [2, 9], [3, 2]]))
-    assert cache.last_word.tolist() == [8, 9, 0]
-    # through the cache: a tag after [8, 2] keeps 8; a word replaces it
-    _, step = model(torch.tensor([[5], [10], [11]]), cache)
-    assert step.last_word.tolist() == [8, 10, 11]
-
-
-def test_data_file_of_one_and_two_rows(tmp_path):
-    rows = read_r.make_rows(random.Random(0), 1)
-    path = tmp_path / "ads.jsonl"
-    cfg = read_r.Config(data=str(path))
-    # 2 rows: int(0.8 · 2) = 1 training row, 1 test row
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[1:2])
-    # 1 row: it is both the training and the test set (there is nothing else to test on)
-    path.write_text(json.dumps(rows[0]) + "\n")
-    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[:1])
+        return logits + self.bias
 
 
 class Coin(ScriptedAll):
@@ -795,11 +536,9 @@ class Coin(ScriptedAll):
         super().__init__(tok, solve)
         self.w = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, idx, cache=None):
-        logits, seq = super().forward(idx, cache)
-        logits = logits.detach()
+    def scores(self, seq, n_new):
+        logits = super().scores(seq, n_new).detach()
         pick = torch.zeros_like(logits)
-        n_new = idx.shape[1]
         for i, row in enumerate(seq.tolist()):
             for k in range(n_new):
                 words = [self.tok.vocab[j] for j in row[:len(row) - n_new + k + 1]]
@@ -809,7 +548,23 @@ class Coin(ScriptedAll):
                     logits[i, k, self.tok.id[right]] = 0.0
                     logits[i, k, self.tok.id["m0"]] = 0.0
                     pick[i, k, self.tok.id[right]] = 1.0
-        return logits + self.w * pick, seq
+        return logits + self.w * pick
+
+
+def two_hop_rows(seed, n_ads):
+    return [r for r in read_r.make_rows(random.Random(seed), n_ads) if r["type"] == "two_hop"]
+
+
+def test_grpo_train_curve_of_a_policy_that_always_solves():
+    # every sample writes "m C", then the right theme: reward 0.9 · 1 + 0.1 · 1 = 1 for each of the
+    # 2 × 4 samples; every sample is the full chain, none "m" alone
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(steps=2, prompts=2, group=4, log_every=1)
+    model = ScriptedAll(tok, solve)
+    curve = read_r.grpo_train(model, ScriptedAll(tok, solve), tok, two_hop_rows(3, 2), "reason",
+                              cfg, CPU, read_r.Tag("t", 0, 1))
+    assert curve == {"reward": [1.0, 1.0], "full_chain_hits": [8, 8], "mark_only_hits": [0, 0],
+                     "chain_n": [8, 8]}
 
 
 def test_one_grpo_step_raises_the_rewarded_answer():
@@ -817,16 +572,90 @@ def test_one_grpo_step_raises_the_rewarded_answer():
     # Â > 0, so one step raises w, the logit of the right theme (a uniform group teaches nothing)
     tok = read_r.Tokenizer()
     cfg = read_r.Config(steps=1, prompts=2, group=4, lr_rl=0.1, log_every=1)
-    rows = [r for r in read_r.make_rows(random.Random(3), 2) if r["type"] == "two_hop"]
     torch.manual_seed(1)
     model = Coin(tok)
-    curve = read_r.grpo_train(model, Coin(tok), tok, rows, "reason", cfg, torch.device("cpu"), "t", 0)
+    curve = read_r.grpo_train(model, Coin(tok), tok, two_hop_rows(3, 2), "reason", cfg, CPU,
+                              read_r.Tag("t", 0, 1))
     assert 0.1 < curve["reward"][0] < 1.0  # some right, some wrong
     # Adam's first step moves w by about lr = 0.1 in the direction of the gradient's sign
     assert 0.05 < model.w.item() < 0.15
 
 
-def test_evaluate_samples_the_chain_rate_at_temperature_one():
+# --- evaluation ---
+
+
+def by_length(words):
+    """solve, except the answer: right iff the think block holds exactly 2 words, else "m0"."""
+    if words[-1] != "<answer>":
+        return solve(words)
+    frames = words[1:11]
+    pairs = list(zip(frames[0::2], frames[1::2]))
+    product = next(i for m, i in pairs if i in read_r.PRODUCTS)
+    mark = next(m for m, i in pairs if i in read_r.PRODUCTS)
+    cue = next(i for m, i in pairs if m == mark and i in read_r.CUES)
+    think = words[words.index("<think>") + 1:words.index("</think>")]
+    if len(think) != 2:
+        return "m0"
+    return read_r.THEME[read_r.PRODUCTS.index(product)][read_r.CUES.index(cue)]
+
+
+def test_evaluate_a_scripted_policy_leaves_the_global_random_stream_alone():
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(n_train=2, n_test=6, answer_words=1)
+    rng = random.Random(0)
+    train = read_r.make_rows(rng, 2)
+    test = read_r.make_rows(rng, 6)
+    model = Scripted(tok, solve)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    res = read_r.evaluate(model, tok, train, test, "reason", cfg, CPU, 0)
+    # its samples come from a stream of its own: what is trained next does not depend on them
+    assert torch.equal(torch.get_rng_state(), state)
+    # the scripted policy writes "m C" and the theme of C: every two-hop answer right, full chain
+    assert res["per_task"]["two_hop"] == {"strict": 1.0, "relaxed": 1.0}
+    assert res["two_hop_strict"] == 1.0 and res["full_chain_rate"] == 1.0
+    assert res["mark_only_rate"] == 0.0
+    assert res["acc_given_full_chain"] == 1.0 and res["acc_given_no_full_chain"] is None
+    # the other types get the two-hop answer: product_mark wants m, mark_cue C' → wrong; the two
+    # theme types are right when their cue is the product's
+    assert res["per_task"]["product_mark"]["strict"] == 0.0
+    assert res["per_task"]["mark_cue"]["strict"] == 0.0
+    assert res["train_per_task"]["two_hop"] == 1.0
+    theme = [res["per_task"][t]["strict"] for t in ("cue_theme", "mark_theme")]
+    torch.testing.assert_close(res["one_hop_strict"], sum(theme) / 4)
+    torch.testing.assert_close(res["strict"], (1 + sum(theme)) / 5)
+    # scramble: two random frame words replace "m C"; the answer follows the scrambled cue
+    assert res["scramble_two_hop"] < 1.0
+    torch.testing.assert_close(res["scramble_drop"], 1.0 - res["scramble_two_hop"])
+    # answering at once: "m0" everywhere → 0, and no chain numbers
+    direct = read_r.evaluate(model, tok, train, test, "direct", cfg, CPU, 0)
+    assert direct["strict"] == 0.0 and "full_chain_rate" not in direct
+    # the early-stop check is greedy, in the mode asked: 1 with thinking, 0 answering at once
+    two_hop = [r for r in test if r["type"] == "two_hop"]
+    assert read_r.greedy_accuracy(model, tok, two_hop, "reason", cfg, CPU) == 1.0
+    assert read_r.greedy_accuracy(model, tok, two_hop, "direct", cfg, CPU) == 0.0
+
+
+def test_scramble_keeps_the_think_blocks_length():
+    # the scramble replaces "m C" by 2 frame words: a policy that is right whenever its think block
+    # holds 2 words stays right → scramble accuracy 1, drop 0 (an emptied block would give 0)
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config(n_train=1, n_test=4, answer_words=1)
+    rng = random.Random(1)
+    train = read_r.make_rows(rng, 1)
+    test = read_r.make_rows(rng, 4)
+    res = read_r.evaluate(Scripted(tok, by_length), tok, train, test, "reason", cfg, CPU, 0)
+    assert res["per_task"]["two_hop"]["strict"] == 1.0
+    assert res["scramble_two_hop"] == 1.0 and res["scramble_drop"] == 0.0
+    # answer_after_think by hand: a 2-word block → right; 1 or 3 words → "m0" → 0
+    two_hop = [r for r in test if r["type"] == "two_hop"][:3]
+    thinks = [["m1", "joke"], ["joke"], ["m1", "m2", "joke"]]
+    texts = read_r.answer_after_think(Scripted(tok, by_length), tok, two_hop, thinks, cfg, CPU)
+    assert [read_r.judge(t, r["answer"], SLOT) for t, r in zip(texts, two_hop)] == [1.0, 0.0, 0.0]
+    assert texts[1] == "<think> joke</think><answer> m0</answer>"
+
+
+def test_evaluate_samples_the_chain_at_temperature_one():
     # Coin at w = ln 4: greedy always takes the right theme → two-hop strict 1; sampled at T = 1
     # P(right) = 4 / (4 + 1) = 0.8 (32 samples: sd 0.07), every sample after the whole chain
     tok = read_r.Tokenizer()
@@ -836,13 +665,282 @@ def test_evaluate_samples_the_chain_rate_at_temperature_one():
     test = read_r.make_rows(rng, 32)
     model = Coin(tok)
     with torch.no_grad():
-        model.w.fill_(torch.log(torch.tensor(4.0)).item())
-    res = read_r.evaluate(model, tok, train, test, "reason", cfg, torch.device("cpu"), 0)
+        model.w.fill_(math.log(4.0))
+    res = read_r.evaluate(model, tok, train, test, "reason", cfg, CPU, 0)
     assert res["per_task"]["two_hop"]["strict"] == 1.0
-    assert res["chain_rate"] == 1.0 and res["full_chain_rate"] == 1.0
-    assert 0.55 < res["acc_given_chain"]["chain"] < 1.0
-    assert res["acc_given_chain"]["no_chain"] is None
-    # the readiness check is greedy: right after thinking, "m0" answering at once → exactly 1/2
-    two_hop = [r for r in test if r["type"] == "two_hop"]
+    assert res["full_chain_rate"] == 1.0 and res["mark_only_rate"] == 0.0
+    assert 0.55 < res["acc_given_full_chain"] < 1.0
+    assert res["acc_given_no_full_chain"] is None
+
+
+def test_pass_at_k_and_the_forced_chain():
+    tok = read_r.Tokenizer()
+    cfg = read_r.Config()
+    rows = two_hop_rows(4, 40)
+    # always right → 1; never right ("m0") → 0; no rows → None
+    assert read_r.pass_at_k(Scripted(tok, solve), tok, rows, 8, cfg, CPU, 0) == 1.0
+    assert read_r.pass_at_k(Scripted(tok, lambda w: by_length(w) if w[-1] != "<answer>" else "m0"),
+                            tok, rows, 8, cfg, CPU, 0) == 0.0
+    assert read_r.pass_at_k(Scripted(tok, solve), tok, [], 8, cfg, CPU, 0) is None
+    # a fair coin (Coin at w = 0): pass@1 ≈ 0.5 and pass@8 = 1 − 2^−8 ≈ 0.996 over 40 questions
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    one = read_r.pass_at_k(Coin(tok), tok, rows, 1, cfg, CPU, 0)
+    eight = read_r.pass_at_k(Coin(tok), tok, rows, 8, cfg, CPU, 0)
+    assert 0.25 < one < 0.75 and eight >= 0.95
+    assert torch.equal(torch.get_rng_state(), state)
+    # the gold chain "m C" forced: solve answers the theme of the forced cue → 1; by_length (right
+    # after any 2 words) → 1; a policy that ignores the block and answers "m0" → 0
+    assert read_r.forced_chain_accuracy(Scripted(tok, solve), tok, rows, cfg, CPU) == 1.0
+    assert read_r.forced_chain_accuracy(Scripted(tok, by_length), tok, rows, cfg, CPU) == 1.0
+
+    def wrong_cue(words):  # answers as if the think block named the cue after the right one
+        if words[-1] != "<answer>":
+            return solve(words)
+        cue = words[words.index("</think>") - 1]
+        shifted = read_r.CUES[(read_r.CUES.index(cue) + 1) % 4]
+        return solve(words[:-3] + [shifted] + words[-2:])
+    assert read_r.forced_chain_accuracy(Scripted(tok, wrong_cue), tok, rows, cfg, CPU) == 0.0
+
+
+# --- gates, verdicts, the record ---
+
+
+def test_failed_checks_at_the_thresholds():
+    at_least = read_r.Check("a", 0.5, True)
+    at_most = read_r.Check("b", 0.35, False)
+    assert read_r.failed_checks({"a": 0.5, "b": 0.35}, [at_least, at_most]) == []
+    assert read_r.failed_checks({"a": 0.499, "b": 0.351}, [at_least, at_most]) == [
+        "a 0.499 (needs >= 0.5)", "b 0.351 (needs <= 0.35)"]
+    assert read_r.failed_checks({"a": None}, [at_least]) == ["a — (needs >= 0.5)"]
+    # the gates and goals the study states
+    gates = {c.key: (c.threshold, c.at_least) for c in read_r.GATES}
+    assert gates == {"base_pass_at_8": (0.5, True), "base_full_chain_rate": (0.05, True),
+                     "forced_chain_accuracy": (0.8, True), "direct_two_hop": (0.35, False),
+                     "think_sft_two_hop": (0.9, True)}
+    goals = {c.key: (c.threshold, c.at_least) for c in read_r.GOALS}
+    assert goals == {"margin": (0.2, True), "full_chain_rate_after": (0.5, True),
+                     "scramble_drop": (0.3, True)}
+
+
+def gate_of(**changes):
+    gate = {"base_pass_at_8": 0.6, "base_full_chain_rate": 0.1, "forced_chain_accuracy": 0.9,
+            "direct_two_hop": 0.3, "think_sft_two_hop": 0.95, "base_greedy_two_hop": 0.2,
+            "base_steps": 400}
+    gate.update(changes)
+    return gate
+
+
+def arm_of(two_hop, **extra):
+    return {"strict": two_hop, "relaxed": two_hop, "two_hop_strict": two_hop,
+            "one_hop_strict": 0.9, "train_strict": two_hop,
+            "per_task": {t: {"strict": two_hop, "relaxed": two_hop} for t in read_r.TYPES},
+            **extra}
+
+
+def arms_of(rl_think, sft=0.32, full=0.7, scramble=0.4):
+    chain = {"full_chain_rate": 0.2, "mark_only_rate": 0.5, "scramble_drop": 0.1}
+    return {"base": arm_of(0.2, **chain), "base_direct": arm_of(0.25), "sft": arm_of(sft),
+            "sft_trace": arm_of(0.9, **chain), "rl_nothink": arm_of(0.28),
+            "rl_think": arm_of(rl_think, full_chain_rate=full, mark_only_rate=0.1,
+                               scramble_drop=scramble)}
+
+
+def test_seed_verdict_against_the_best_direct_arm():
+    # direct: gate 0.30, base_direct 0.25, sft 0.32, rl_nothink 0.28 → best sft 0.32;
+    # margin 0.60 − 0.32 = 0.28 ≥ 0.2, full chain 0.7 ≥ 0.5, scramble 0.4 ≥ 0.3: met
+    v = read_r.seed_verdict(3, gate_of(), arms_of(0.6))
+    assert (v["best_direct_arm"], v["best_direct_two_hop"]) == ("sft", 0.32)
+    torch.testing.assert_close(v["margin"], 0.28)
+    assert v["met"] and v["failed_gates"] == [] and v["missed_goals"] == []
+    # the direct gate model is a direct arm too: at 0.34 it is the best → margin 0.26
+    v = read_r.seed_verdict(3, gate_of(direct_two_hop=0.34), arms_of(0.6))
+    assert v["best_direct_arm"] == "gate_direct"
+    torch.testing.assert_close(v["margin"], 0.26)
+    # a margin of 0.15 (0.47 − 0.32), a think-SFT gate of 0.5 and a scramble of 0.2 are named
+    v = read_r.seed_verdict(3, gate_of(think_sft_two_hop=0.5), arms_of(0.47, scramble=0.2))
+    assert not v["met"]
+    assert v["failed_gates"] == ["think_sft_two_hop 0.500 (needs >= 0.9)"]
+    assert v["missed_goals"] == ["margin 0.150 (needs >= 0.2)", "scramble_drop 0.200 (needs >= 0.3)"]
+
+
+def fake_outputs(seeds):
+    """The jobs' outputs for two seeds, by hand: rl_think 0.6 / 0.4, sft 0.32 / 0.30."""
+    jobs = [read_r.Job(read_r.Config(), seed, part) for part in read_r.PARTS for seed in seeds]
+    outs = []
+    for job in jobs:
+        k = seeds.index(job.seed)
+        if job.part == "arms":
+            gate = gate_of(base_greedy_two_hop=[0.2, 0.1][k], base_steps=[400, 600][k])
+            del gate["direct_two_hop"]
+            del gate["think_sft_two_hop"]
+            curve = {"reward": [0.5], "full_chain_hits": [1], "mark_only_hits": [0], "chain_n": [2]}
+            outs.append({"gate": gate, "arms": arms_of([0.6, 0.4][k], sft=[0.32, 0.30][k]),
+                         "curves": {"rl_think": curve, "rl_nothink": curve}, "n_params": 10,
+                         "n_train": 4, "n_test": 8, "cpu_s": 1.0})
+        elif job.part == "gate_direct":
+            outs.append({"two_hop": 0.3, "steps": 7, "cpu_s": 2.0})
+        else:
+            outs.append({"two_hop": [0.95, 0.5][k], "steps": [300, 900][k], "cpu_s": 3.0})
+    return jobs, outs
+
+
+def test_summarise_seeds_by_hand():
+    jobs, outs = fake_outputs([5, 6])
+    res = read_r.summarise(read_r.Config(seed=5, seeds=2), jobs, outs)
+    assert res["seeds"] == [5, 6]
+    gates = res["gate_per_seed"]
+    assert [g["think_sft_two_hop"] for g in gates] == [0.95, 0.5]
+    assert [g["think_sft_steps"] for g in gates] == [300, 900]
+    assert [g["direct_two_hop"] for g in gates] == [0.3, 0.3]
+    torch.testing.assert_close(res["gate"]["base_steps"], 500.0)
+    # margins: 0.6 − 0.32 = 0.28; 0.4 − 0.30 (the direct gate ties sft) = 0.10
+    torch.testing.assert_close(res["margin_per_seed"], [0.28, 0.10])
+    head = res["headline"]
+    torch.testing.assert_close([head["margin"]["mean"], head["margin"]["std"],
+                                head["margin"]["worst"]], [0.19, 0.09, 0.10])
+    torch.testing.assert_close([head["rl_think_two_hop"]["mean"],
+                                head["base_greedy_two_hop"]["mean"]], [0.5, 0.15])
+    verdicts = res["seed_verdicts"]
+    assert [v["met"] for v in verdicts] == [True, False]
+    assert verdicts[1]["failed_gates"] == ["think_sft_two_hop 0.500 (needs >= 0.9)"]
+    # arms: the mean over seeds, and each seed's numbers
+    torch.testing.assert_close(res["arms"]["rl_think"]["two_hop_strict"], 0.5)
+    assert [e["two_hop_strict"] for e in res["arms"]["rl_think"]["per_seed"]] == [0.6, 0.4]
+    assert res["two_hop_per_seed"]["sft"] == [0.32, 0.30]
+    assert res["arms"]["rl_think"]["full_chain_rate_before"] == 0.2
+    assert res["job_cpu_s"] == 2 * (1.0 + 2.0 + 3.0)
+    assert len(res["curves"]) == 2
+
+
+def test_render_report_follows_the_numbers():
+    jobs, outs = fake_outputs([5, 6])
+    res = read_r.summarise(read_r.Config(seed=5, seeds=2), jobs, outs)
+    res["wall_s"] = 12.0
+    text = read_r.render_report(json.loads(json.dumps(res)))
+    assert "margin rl_think − best direct: 0.190 ± 0.090 [0.100]" in text
+    assert "gates and goals met on 1 of 2 seeds [5]" in text
+    assert "| 5 | 0.600 | 0.320 (sft) | 0.280 | 0.700 | 0.400 | 0.900 | met |" in text
+    assert "missed: gate think_sft_two_hop 0.500 (needs >= 0.9); margin 0.100 (needs >= 0.2)" in text
+    assert "| rl_think | 0.500 ± 0.100 [0.400] |" in text
+    # a seed that meets everything reads "met" on every seed
+    res["seed_verdicts"][1].update(met=True, failed_gates=[], missed_goals=[])
+    assert "met on 2 of 2 seeds [5, 6]" in read_r.render_report(res)
+
+
+# --- the jobs and the script ---
+
+
+def test_run_job_gate_parts(monkeypatch):
+    # a gate job trains its model (here: a scripted policy) and scores the test two-hop questions
+    # greedily in its own mode: solve answers right after thinking and "m0" at once
+    asked = []
+
+    def fake_gate(tok, cfg, device, seed, mode):
+        asked.append((seed, mode))
+        return Scripted(tok, solve), 5
+    monkeypatch.setattr(read_r, "train_gate", fake_gate)
+    cfg = read_r.Config(n_train=1, n_test=4)
+    think = read_r.run_job(read_r.Job(cfg, 2, "gate_think_sft"))
+    direct = read_r.run_job(read_r.Job(cfg, 2, "gate_direct"))
+    assert asked == [(2, "reason"), (2, "direct")]
+    assert (think["two_hop"], think["steps"], direct["two_hop"]) == (1.0, 5, 0.0)
+    assert think["cpu_s"] >= 0
+
+
+def test_arms_job_wiring(monkeypatch):
+    # stand-ins record what each arm was trained on; the evaluations return numbers by hand
+    cfg = read_r.Config(steps=7, n_train=3, n_test=2, n_embd=16, n_head=2)
+    tok = read_r.Tokenizer()
     torch.manual_seed(0)
-    assert read_r.one_hop_accuracy(model, tok, two_hop, cfg, torch.device("cpu")) == 0.5
+    base = read_r.GPT(len(tok.vocab), tok.n_specials, 16, 1, 2)
+    sft_calls = []
+    grpo_calls = []
+    evals = []
+
+    def fake_sft(model, tok, sample, steps, lr, device, tag, ready=None):
+        rows, modes = sample(1)
+        sft_calls.append((tag.arm, steps, lr, set(modes), {r["type"] for r in rows}))
+        return steps
+
+    def fake_grpo(model, ref, tok, rows, mode, cfg, device, tag):
+        grpo_calls.append((tag.arm, mode, ref is base, model is base, {r["type"] for r in rows}))
+        return {"reward": [0.5]}
+
+    def fake_eval(model, tok, train, test, mode, cfg, device, seed):
+        evals.append(mode)
+        v = len(evals) / 10
+        return {"two_hop_strict": v, "full_chain_rate": v + 0.01}
+    monkeypatch.setattr(read_r, "train_base", lambda tok, cfg, device, seed: (base, 9))
+    monkeypatch.setattr(read_r, "sft_train", fake_sft)
+    monkeypatch.setattr(read_r, "grpo_train", fake_grpo)
+    monkeypatch.setattr(read_r, "evaluate", fake_eval)
+    monkeypatch.setattr(read_r, "pass_at_k", lambda model, tok, rows, k, *a: len(rows) * k)
+    monkeypatch.setattr(read_r, "forced_chain_accuracy", lambda model, tok, rows, *a: len(rows))
+    train, test = read_r.load_rows(cfg, 0)
+    res = read_r.arms_job(tok, cfg, CPU, 0, train, test)
+    # the base's gates: pass@8 over the 3 training two-hop questions (3 · 8 here), the chain
+    # forced on the 2 test ones, its sampled full-chain rate and greedy two-hop
+    assert res["gate"] == {"base_pass_at_8": 24, "base_full_chain_rate": 0.11,
+                           "forced_chain_accuracy": 2, "base_greedy_two_hop": 0.1,
+                           "base_steps": 9}
+    # every arm trains on the two-hop training questions only, from a copy of the base
+    assert sft_calls == [("sft", 7, cfg.lr_sft, {"direct"}, {"two_hop"}),
+                         ("sft_trace", 7, cfg.lr_sft, {"reason"}, {"two_hop"})]
+    assert grpo_calls == [("rl_think", "reason", True, False, {"two_hop"}),
+                          ("rl_nothink", "direct", True, False, {"two_hop"})]
+    # evaluations: base (reason, direct), then the 4 arms in their modes
+    assert evals == ["reason", "direct", "direct", "reason", "reason", "direct"]
+    assert res["arms"]["rl_think"]["two_hop_strict"] == 0.5
+    assert set(res["curves"]) == {"rl_think", "rl_nothink"}
+    # --rl-types all: every training question
+    grpo_calls.clear()
+    read_r.arms_job(tok, read_r.Config(steps=7, rl_types="all"), CPU, 0, train, test)
+    assert grpo_calls[0][4] == set(read_r.TYPES)
+
+
+def test_smoke_writes_its_record(tmp_path):
+    res = read_r.main(["--smoke", "--seeds", "1", "--workers", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text() == read_r.render_report(saved)
+    assert (tmp_path / "read_r.png").exists()
+    for arm in ("base", "base_direct", "sft", "sft_trace", "rl_think", "rl_nothink"):
+        assert set(saved["arms"][arm]["per_task"]) == set(read_r.TYPES)
+        assert len(saved["arms"][arm]["per_seed"]) == 1
+    assert set(saved["gate_per_seed"][0]) >= {c.key for c in read_r.GATES} | {
+        "base_greedy_two_hop"}
+    tiny = {"steps": 3, "seeds": 1, "gate_steps": 3, "think_gate_steps": 3, "base_steps": 4,
+            "batch": 8, "n_train": 2, "n_test": 3, "prompts": 4, "group": 4, "pass_k": 2}
+    assert {k: saved["config"][k] for k in tiny} == tiny
+    assert len(saved["curves"][0]["rl_think"]["reward"]) == 3
+    assert res["margin_per_seed"] == saved["margin_per_seed"]
+
+
+@pytest.mark.parametrize("argv", [["--group", "1"], ["--n-train", "0"], ["--n-embd", "30"],
+                                  ["--temperature", "0"], ["--warm-traces", "-1"],
+                                  ["--base-target", "1.5"], ["--rl-types", "three_hop"],
+                                  ["--workers", "-1"]])
+def test_bad_input_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        read_r.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_data_file(tmp_path, capsys):
+    rows = read_r.make_rows(random.Random(0), 3)
+    path = tmp_path / "ads.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = read_r.Config(data=str(path))
+    train, test = read_r.load_rows(cfg, 0)
+    assert train == rows[:12] and test == rows[12:]  # 80/20 of 15 rows
+    # 2 rows: 1 training row, 1 test row; 1 row: both (there is nothing else to test on)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[1:2])
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert read_r.load_rows(cfg, 0) == (rows[:1], rows[:1])
+    path.write_text(json.dumps(dict(rows[0], type="XX")) + "\n")
+    with pytest.raises(SystemExit) as e:
+        read_r.main(["--data", str(path), "--smoke"])
+    assert e.value.code == 2
+    assert "type 'XX'" in capsys.readouterr().err
