@@ -23,7 +23,7 @@ def logit(pe, q, k, m, n):
 
 
 def tiny_cfg(**kw):
-    base = dict(d_model=16, n_layers=2, n_heads=2, train_len=32, n_keys=2, values_per_key=4,
+    base = dict(n_embd=16, n_layer=2, n_head=2, train_len=32, n_keys=2, values_per_key=4,
                 vocab_filler=8, successors=2, steps=40, batch=8, lr=1e-2, log_every=1000,
                 head_len=64, eval_lens="32")
     base.update(kw)
@@ -96,7 +96,7 @@ def test_fope_without_clip_and_noise_is_rope():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 50, 32)
     pos = torch.arange(50) * 3
-    f = fope.FoPE(32, n_heads=4, train_len=64, sigma=0.0, clip_floor=False)
+    f = fope.FoPE(32, n_head=4, train_len=64, sigma=0.0, clip_floor=False)
     assert_close(f(x, pos), fope.RoPE(32)(x, pos), rtol=0, atol=1e-5)
     assert list(f.parameters()) == []  # coefficients are frozen buffers
 
@@ -135,7 +135,7 @@ def test_fope_identity_layout_and_noise_std():
 
 def test_clipped_slots_do_not_move_and_use_the_official_fill():
     torch.manual_seed(0)
-    f = fope.FoPE(32, n_heads=4, train_len=64, sigma=0.3)
+    f = fope.FoPE(32, n_head=4, train_len=64, sigma=0.3)
     x = torch.randn(1, 4, 1, 32).expand(1, 4, 6, 32)  # the same vector at 6 positions
     y = f(x, torch.tensor([0, 1, 7, 63, 200, 1000]))
     clipped = list(range(5, 16)) + list(range(21, 32))
@@ -246,7 +246,7 @@ def test_ablating_a_head_equals_zeroing_its_output_projection():
     assert torch.equal(model.head_mask, torch.ones(2, 2))  # restored afterwards
     full = fope.far_recall_nll(model, corpus, [])
     with torch.no_grad():
-        model.blocks[1].proj.weight[:, 8:] = 0.0  # head 1 of layer 1 reads dims 8..15
+        model.blocks[1].c_proj.weight[:, 8:] = 0.0  # head 1 of layer 1 reads dims 8..15
     assert_close(fope.far_recall_nll(model, corpus, []), ablated)
     assert abs(full - ablated) > 1e-6
     assert "head_mask" not in model.state_dict()  # checkpoints hold weights, not ablations
@@ -254,11 +254,11 @@ def test_ablating_a_head_equals_zeroing_its_output_projection():
 
 def test_positional_heads_picks_the_top_scores_and_random_others():
     torch.manual_seed(0)
-    cfg = tiny_cfg(n_layers=3)
+    cfg = tiny_cfg(n_layer=3)
     model = fope.Decoder("rope", 20, cfg)
     with torch.no_grad():
         for block in model.blocks:
-            block.qkv.weight.mul_(30.0)  # sharp attention: scores far from 0
+            block.c_attn.weight.mul_(30.0)  # sharp attention: scores far from 0
     corpus = fope.recall_corpus(fope.markov_chain(8, 2, torch.Generator().manual_seed(0)), 6, 64,
                                 2, 4, 16, torch.Generator().manual_seed(1))
     out = fope.positional_heads(model, corpus, 17, 2, 3, seed=0)
@@ -396,19 +396,19 @@ def test_evaluate_on_models_with_fixed_answers():
 def test_block_is_residual_attention_then_residual_mlp():
     # with q = k = v = 0 (qkv weights zero) attention outputs 0: block(x) = x + mlp(ln2(x))
     torch.manual_seed(0)
-    block = fope.Block(8, 2, 4, None)
+    block = fope.Block(8, 2, None)
     with torch.no_grad():
-        block.qkv.weight.zero_()
+        block.c_attn.weight.zero_()
     x = torch.randn(2, 5, 8)
     out = block(x, fope.attention_bias(2, 5), torch.ones(2))
-    assert_close(out, x + block.mlp(block.ln2(x)))
+    assert_close(out, x + block.mlp(block.ln_2(x)))
     # with v only: block(x) = h + mlp(ln2(h)), h = x + proj(causal mean of v per head)
     with torch.no_grad():
-        block.qkv.weight[16:] = torch.eye(8)
-    v = block.ln1(x)  # (B, T, C): v = ln1(x), q = k = 0 → uniform causal attention
+        block.c_attn.weight[16:] = torch.eye(8)
+    v = block.ln_1(x)  # (B, T, C): v = ln1(x), q = k = 0 → uniform causal attention
     mean_v = v.cumsum(1) / torch.arange(1, 6)[None, :, None]
-    h = x + block.proj(mean_v)
-    assert_close(block(x, fope.attention_bias(2, 5), torch.ones(2)), h + block.mlp(block.ln2(h)))
+    h = x + block.c_proj(mean_v)
+    assert_close(block(x, fope.attention_bias(2, 5), torch.ones(2)), h + block.mlp(block.ln_2(h)))
 
 
 def test_nope_sees_a_set_and_alibi_sees_order():
@@ -418,16 +418,16 @@ def test_nope_sees_a_set_and_alibi_sees_order():
     y = torch.tensor([[2, 1, 3, 4]])
     for arm, invariant in (("nope", True), ("alibi", False)):
         torch.manual_seed(0)
-        model = fope.Decoder(arm, 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
+        model = fope.Decoder(arm, 20, tiny_cfg(n_layer=1, top_heads=1)).eval()
         with torch.no_grad():
-            model.blocks[0].qkv.weight.mul_(30.0)
+            model.blocks[0].c_attn.weight.mul_(30.0)
             same = torch.allclose(model(x)[0, 3], model(y)[0, 3], atol=1e-6)
         assert same == invariant
 
 
 def test_decoder_is_causal_and_window_limits_what_it_sees():
     torch.manual_seed(0)
-    model = fope.Decoder("rope", 20, tiny_cfg(n_layers=1, top_heads=1)).eval()
+    model = fope.Decoder("rope", 20, tiny_cfg(n_layer=1, top_heads=1)).eval()
     x = torch.randint(0, 20, (1, 12))
     y = x.clone()
     y[0, 2] = (x[0, 2] + 1) % 20
@@ -479,38 +479,145 @@ def test_summarise_and_gap():
 
 def test_smoke_run_results_and_bad_input(tmp_path, capsys):
     t0 = time.process_time()
-    res = fope.main(["--smoke", "--seeds", "2", "--out", str(tmp_path)])
-    assert 0 < res["cpu_time_s"] <= time.process_time() - t0
+    res = fope.main(["--smoke", "--seeds", "2", "--workers", "1", "--out", str(tmp_path)])
+    assert 0 < res["cpu_time_s"] <= time.process_time() - t0 + 0.1  # one process: all of it here
     saved = json.load(open(tmp_path / "results.json"))
     assert (tmp_path / "fope.png").exists()
-    assert saved["seeds"] == [0, 1] and saved["train_len"] == 64
+    assert (tmp_path / "results.md").read_text() == fope.render_report(saved)
+    assert saved["seeds"] == [0, 1] and saved["train_len"] == 64 and saved["wall_s"] > 0
     assert set(saved["arms"]) == set(fope.ARMS)
     for name, arm in saved["arms"].items():
         for key in ("ppl", "recall_ppl", "filler_ppl", "passkey", "windowed_ppl"):
             assert set(arm[key]) == {"64", "128"}
-        assert arm["n_seeds"] == (2 if name in fope.CORE_ARMS else 1) == len(arm["per_seed"])
+        assert arm["n_seeds"] == 2 == len(arm["per_seed"])
+        assert [r["seed"] for r in arm["per_seed"]] == [0, 1]
         assert arm["step_time_s"] > 0
         for L in ("64", "128"):
-            mean = sum(r["eval"][L]["ppl"] for r in arm["per_seed"]) / arm["n_seeds"]
-            assert abs(arm["ppl"][L] - mean) < 1e-3
+            ppl = [r["eval"][L]["ppl"] for r in arm["per_seed"]]
+            assert abs(arm["ppl"][L] - sum(ppl) / 2) < 1e-9
+            assert arm["ppl_worst"][L] == max(ppl)
+            passkey = [r["eval"][L]["passkey"] for r in arm["per_seed"]]
+            assert arm["passkey_worst"][L] == min(passkey)
     fope_runs = saved["arms"]["fope"]["per_seed"]
     cf_runs = saved["arms"]["cf_only"]["per_seed"]
     diffs = [f["eval"]["128"]["recall_ppl"] - c["eval"]["128"]["recall_ppl"]
              for f, c in zip(fope_runs, cf_runs)]
-    assert abs(saved["fope_minus_cf_only"]["recall_ppl"]["128"][0] - sum(diffs) / 2) < 1e-3
+    assert abs(saved["fope_minus_cf_only"]["recall_ppl"]["128"][0] - sum(diffs) / 2) < 1e-9
     heads = saved["positional_heads"]
     assert heads["arm"] == "rope" and len(heads["per_seed"]["fope"]) == 2
+    assert set(heads["per_seed"]) == {"rope", "fope"}
     assert [len(r["random_sets"]) for r in heads["per_seed"]["rope"]] == [2, 2]  # smoke: 2 draws
     top = [r["top_drop"] for r in heads["per_seed"]["rope"]]
-    assert abs(heads["top_drop"] - sum(top) / 2) < 1e-3
+    assert abs(heads["top_drop"] - sum(top) / 2) < 1e-9
     assert set(saved["filler_oracle_ppl"]) == {"64", "128"}
     assert 1.0 < saved["filler_oracle_ppl"]["64"] < 3.0
+    ratio = saved["arms"]["fope"]["step_time_s"] / saved["arms"]["rope"]["step_time_s"]
+    assert_close(saved["step_time_ratio_fope_rope"], ratio)
     assert res["arms"]["rope"]["ppl"] == saved["arms"]["rope"]["ppl"]
-    for argv in (["--arms", "rope,bogus"], ["--steps", "0"], ["--eval-lens", "32,64"]):
+    for argv in (["--arms", "rope,bogus"], ["--steps", "0"], ["--eval-lens", "32,64"],
+                 ["--workers", "-1"], ["--arms", "rope,rope"]):
         with pytest.raises(SystemExit) as e:
             fope.main(argv + ["--out", str(tmp_path)])
         assert e.value.code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_a_job_is_its_own_seed():
+    # a job seeds itself: the same job twice, with other work between, gives the same numbers
+    cfg = tiny_cfg(steps=3, eval_lens="64", head_len=64, top_heads=1, random_draws=1)
+    first = fope.run_job(fope.Job(cfg, "rope", 1))
+    fope.run_job(fope.Job(cfg, "fope", 2))
+    again = fope.run_job(fope.Job(cfg, "rope", 1))
+    first.pop("cpu_time_s")
+    again.pop("cpu_time_s")
+    first.pop("step_time_s")
+    again.pop("step_time_s")
+    assert first == again and first["heads"] is not None
+    assert fope.run_job(fope.Job(cfg, "cf_only", 1))["heads"] is None  # heads: rope and fope
+
+
+# --- the report ---
+
+KEYS = ("ppl", "recall_ppl", "far_recall_ppl", "filler_ppl", "passkey")
+
+
+def seed_row(seed, ppl, recall, passkey=1.0, windowed_filler=2.5, windowed_far=20.0):
+    """One seed of one arm: at 64 total ppl 2, recall 1; at 256 the values given."""
+    at_64 = {"ppl": 2.0, "filler_ppl": 2.0, "recall_ppl": 1.0, "passkey": 1.0}
+    at_256 = {"ppl": ppl, "filler_ppl": ppl, "recall_ppl": recall, "passkey": passkey,
+              "far_recall_ppl": recall}
+    windowed = dict(at_256, filler_ppl=windowed_filler, far_recall_ppl=windowed_far)
+    return {"seed": seed, "eval": {"64": at_64, "256": at_256},
+            "windowed": {"64": at_64, "256": windowed}, "step_time_s": 0.01}
+
+
+def hand_results(arms, heads=None):
+    results = {"config": {"eval_lens": "64,256", "values_per_key": 16, "top_heads": 2,
+                          "fope_small_std": 0.02},
+               "train_len": 64, "seeds": [0, 1, 2], "arms": {}, "wall_s": 1.0, "cpu_time_s": 2.0}
+    for name, rows in arms.items():
+        arm = fope.summarise(rows, KEYS)
+        arm.update(n_seeds=len(rows), per_seed=rows, step_time_s=0.01)
+        results["arms"][name] = arm
+    if heads:
+        results["positional_heads"] = heads
+    return results
+
+
+def verdict(report, start):
+    lines = [line for line in report.splitlines() if line.startswith("- " + start)]
+    assert len(lines) == 1, (start, report)
+    return lines[0]
+
+
+def test_render_report_verdicts_follow_the_numbers():
+    rope = [seed_row(0, 3.3, 2.0, 0.8), seed_row(1, 3.3, 3.0, 0.7), seed_row(2, 3.3, 1.6, 0.9)]
+    fope_rows = [seed_row(0, 3.4, 1.0), seed_row(1, 3.5, 1.02), seed_row(2, 3.3, 1.01)]
+    cf_only = [seed_row(0, 3.3, 1.01), seed_row(1, 3.3, 1.0), seed_row(2, 3.3, 1.01)]
+    report = fope.render_report(hand_results(
+        {"rope": rope, "fope": fope_rows, "cf_only": cf_only}))
+    # fope recall 1.0, 1.02, 1.01: mean 1.01, std √(2·0.01²/3) = 0.008, worst 1.02; rope 2.2
+    line = verdict(report, "Retrieval at 256: ")
+    assert "below RoPE's: **yes** (fope 1.010 ± 0.008 [1.020], rope 2.200" in line
+    assert "passkey FoPE ≥ RoPE: **yes**" in line and "rope 0.800 ± 0.082 [0.700]" in line
+    # fope − cf_only: −0.01, +0.02, 0 → mean +0.003, std 0.012; lower in 1 of 3 → clipping alone
+    line = verdict(report, "Retrieval at 256 by clipping alone")
+    assert "**yes**" in line and "+0.003 ± 0.012" in line and "1 of 3 seeds" in line
+    # total ppl at 256: fope 3.4 > rope 3.3 → no; fope 3.4 / 2 = 1.70x of its own at 64 → no
+    assert "**no** (fope 3.400" in verdict(report, "Perplexity at 256")
+    assert "**no** (1.70x ± 0.04 [1.75x]; rope 1.65x)" in verdict(report, "Stability")
+    assert "+0.100 ± 0.082 (higher in 2 of 3 seeds)" in verdict(report, "The Fourier series")
+    # windowed filler 2.5 below full 3.3–3.5 in every rotary arm; windowed far 20 ≥ 16/2
+    assert "**yes**" in verdict(report, "Control") and "rope 3.30 → 2.50" in report
+    assert "**yes** (windowed far recall ppl 20.0–20.0)" in verdict(report, "Gate")
+    assert "| fope | 3 | 2.000 ± 0.000 [2.000] | 3.400 ± 0.082 [3.500] |" in report
+    # the other way round: the series helps in every seed, fope beats rope on perplexity, the
+    # window does not help rope, one windowed far recall is below chance / 2 = 8
+    fope_rows = [seed_row(0, 2.1, 1.0), seed_row(1, 2.2, 1.0), seed_row(2, 2.3, 1.0)]
+    cf_only = [seed_row(0, 3.3, 1.2), seed_row(1, 3.3, 1.3), seed_row(2, 3.3, 1.1, 1.0, 2.5, 5.0)]
+    rope = [seed_row(s, 2.4, 1.5, 0.9, 3.0) for s in range(3)]
+    report = fope.render_report(hand_results(
+        {"rope": rope, "fope": fope_rows, "cf_only": cf_only}))
+    assert "**no**" in verdict(report, "Retrieval at 256 by clipping alone")
+    assert "the series lowers it in 3 of 3 seeds" in report
+    assert "**yes** (fope 2.200" in verdict(report, "Perplexity at 256")
+    # 2.1, 2.2, 2.3 over 2.0: 1.05, 1.10, 1.15 → mean 1.10x ≤ 1.15, worst 1.15x
+    assert "**yes** (1.10x ± 0.04 [1.15x]; rope 1.20x)" in verdict(report, "Stability")
+    assert "**no**" in verdict(report, "Control") and "rope 2.40 → 3.00" in report
+    assert "**no** (windowed far recall ppl 5.0–20.0)" in verdict(report, "Gate")
+
+
+def test_positional_head_verdict():
+    # the top heads count when their ablation hurts (> 0) and at least twice the random heads
+    assert fope.top_beats_random(2.0, 0.5) and fope.top_beats_random(0.1, -0.5)
+    assert not fope.top_beats_random(0.5, 0.3) and not fope.top_beats_random(-0.01, -0.02)
+    runs = [{"top_drop": 3.0, "random_drop": 0.5}, {"top_drop": 0.0, "random_drop": 1.0}]
+    heads = {"arm": "rope", "top_drop": 1.5, "random_drop": 0.75,
+             "by_arm": {"rope": {"top_drop": 1.5, "random_drop": 0.75}}, "per_seed": {"rope": runs}}
+    line = verdict(fope.render_report(hand_results({"rope": [seed_row(0, 3.0, 1.0)]}, heads)),
+                   "Positional heads (rope)")
+    assert "by 1.50, 2 random others by 0.75" in line
+    assert "**yes** on the mean, in 1 of 2 seeds (3.00 vs 0.50; 0.00 vs 1.00)" in line
 
 
 def test_text_corpus_windows():
