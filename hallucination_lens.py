@@ -24,96 +24,38 @@ Key equations (symbols as in the code):
     metric       balanced accuracy of out-of-fold predictions, subject-grouped 5-fold
 
 Run:
-    python hallucination_lens.py            # the whole comparison, 3 seeds
+    python hallucination_lens.py            # the whole comparison, seeds as jobs on every core
     python hallucination_lens.py --smoke    # the same code path at a tiny size, in seconds
 
-Re-run at the end (one thread, other jobs running): 161 s CPU (user + sys), the same numbers.
-Result of the default run (seeds 0, 1, 2; 178 s CPU at one thread, 573 s wall on
-a 2-core machine shared by 8 sessions):
-    facts mixed at the end of training (right through some templates, wrong through others):
-    0.568 / 0.670 / 0.532 (seeds); trained pairs right: 0.998 / 0.998 / 1.000 (worst template)
-    held-out accuracy, template 1: 0.508 / 0.360 / 0.643
-    held-out accuracy, template 2: 0.375 / 0.297 / 0.324
-    held-out accuracy, template 3: 0.360 / 0.249 / 0.375
-    unseen prompts, mean probability of the token (logit lens; mean of seeds):
-                        emb attn1  mlp1 attn2  mlp2 attn3  mlp3 attn4  mlp4
-      success 2094     0.03  0.16  0.22  0.39  0.46  0.57  0.65  0.75  0.83
-      fail 3301        0.02  0.09  0.11  0.10  0.11  0.10  0.09  0.07  0.06
-      halluc. 3301     0.03  0.14  0.18  0.30  0.34  0.44  0.52  0.61  0.71
-    top-1 at an intermediate point: success 0.92, fail 0.26, hallucination 0.86
-    detector balanced accuracy, subject-grouped 5-fold, mean ± std (worst seed):
-      arm                           unseen prompts     all prompts (mixed)
-      curve_logit_logreg     0.628 ± 0.025 (0.603)   0.822 ± 0.008 (0.811)
-      curve_logit_svm        0.625 ± 0.025 (0.600)   0.821 ± 0.011 (0.806)
-      curve_tuned_logreg     0.616 ± 0.013 (0.598)   0.808 ± 0.006 (0.803)
-      curve_tuned_svm        0.616 ± 0.012 (0.599)   0.807 ± 0.006 (0.802)
-      curve_both_logreg      0.636 ± 0.013 (0.620)   0.833 ± 0.004 (0.827)
-      curve_both_svm         0.635 ± 0.014 (0.620)   0.831 ± 0.004 (0.825)
-      final_prob             0.619 ± 0.019 (0.602)   0.817 ± 0.010 (0.803)
-      entropy                0.610 ± 0.015 (0.600)   0.807 ± 0.009 (0.796)
-      template_only          0.581 ± 0.038 (0.545)   0.713 ± 0.011 (0.703)
-      template_final_prob    0.632 ± 0.032 (0.602)   0.829 ± 0.007 (0.823)
-      template_curve         0.636 ± 0.027 (0.613)   0.839 ± 0.009 (0.827)
-    unseen: curve - best threshold per seed +0.001, +0.010, +0.016
-      template+curve - template+final p -0.004, +0.019, -0.003
-      AUROC in final-p bins: curve 0.577, final p 0.549
-      in bin x template cells: curve 0.537, final p 0.559
-      confident hallucinations (final p >= 0.5): 0.766
-      n 1798 prompts per seed, 1100 wrong
-    all: curve - best threshold per seed +0.004, +0.008, +0.002
-      template+curve - template+final p +0.009, +0.004, +0.018
-      AUROC in final-p bins: curve 0.596, final p 0.576
-      in bin x template cells: curve 0.599, final p 0.586
-      confident hallucinations (final p >= 0.5): 0.766
-      n 2832 prompts per seed, 1101 wrong
-    curve_adds_information: false
-    control: the final-probability and entropy thresholds, the template alone and with the final
-    probability, on the same folds; ceiling: balanced accuracy 1.0 (chance 0.5); gate: trained
-    prompts are right (>= 0.998), held-out phrasings 0.25-0.64, so phrasing decides.
-Reading: the lens curves differ by outcome as the paper says (the answer reaches top-1 at an
-intermediate point in 92% of successes vs 26% of failures; paper 77.6% vs 31.3%), and on all
-prompts of mixed facts the curve detectors score 0.81-0.83, near the paper's 0.84-0.88. But that
-setting mostly separates memorised from new prompts. Where right and wrong both come from
-generalisation (unseen prompts) the curve detector is only 0.001-0.016 above the better
-threshold (seed by seed) and below template + final probability in two of three seeds (0.603 vs
-0.617, 0.619 vs 0.602, 0.662 vs 0.677); inside final-probability bins it
-looks better (AUROC 0.577 vs 0.549) only because it recognises the template: inside bin x
-template cells it drops to 0.537, under the final probability's 0.559. By the rule fixed before
-the run (template + curve >= template + final p + 0.02 in every seed, within-cell AUROC >= 0.55
-and above the final probability's) the curve adds no information here: curve_adds_information
-is false: in this toy the curve adds nothing beyond phrasing and confidence, a finding the
-paper, which ran no baseline, could not make. Hallucinations are mostly confident: 77% of them
-have final p >= 0.5.
+Headline (3 seeds; the record: results/hallucination_lens/results.md): the lens curves differ
+by outcome as the paper says, but on prompts never trained the curve detector (0.628 ± 0.025
+balanced accuracy) is level with a final-probability threshold (0.619), and template + curve
+(0.636) with template + final p (0.632): curve_adds_information is false, the curve adds nothing
+beyond phrasing and confidence in this toy.
 
-Deviations from the paper (and its official code):
+Deviations from the paper (and its official code, dcdsf321/known_fact_hallucination):
 - A synthetic knowledge base (300 subjects x 4 relations, Zipf object prior) and a 4-layer d-64
-  decoder trained from scratch replace COUNTERFACT and Llama2-7B-chat. Phrasing matters through
-  held-out (fact, template) pairs: template 0 is always trained, templates 1-3 each with
-  probability template_train. Templates 2-3 name the subject by an alias ("alias is also known
-  as name" is trained for every subject); template 1 names a distractor subject and that
-  subject's own object for the relation, a competing answer in the prompt.
-- Curves after the embedding and after every attention and MLP sub-layer (the paper: after each
-  layer). "Top-1 at some layer" counts intermediate points only (the last is the output itself).
+  decoder trained from scratch replace COUNTERFACT and Llama2-7B-chat: no 7B model fits the
+  budget. Phrasing matters through held-out (fact, template) pairs: template 0 is always
+  trained, templates 1-3 each with probability template_train; 2-3 name the subject by an alias
+  (the link "alias is also known as name" is trained), 1 names a distractor subject and its
+  object, a competing answer in the prompt.
+- Curves after the embedding and after every attention and MLP sub-layer (the paper: after
+  each layer), read at the end of training; "top-1 at some layer" counts intermediate points.
 - Curves as log-odds of the output token, not raw probabilities (raw p saturates near 1).
-- Everything is read at the end of training (no mid-training checkpoint is chosen).
-- Detector data: `unseen_prompts` = the held-out prompts of facts the model knows (right through
-  some template), right (0) vs wrong (1); the spec's calibration used mixed facts only, which
-  would drop the right answers of facts right through every template. `all_prompts` = every
-  prompt of a mixed fact (the first version's setting, where trained prompts are always right).
-  The official code
-  (dcdsf321/known_fact_hallucination, example_svm.ipynb) fits sklearn's SVC(kernel="linear") on
-  the tuned- and logit-lens curves of right and hallucinated outputs, one random 80/20 split,
-  plain accuracy. Here: classes weighted, subject-grouped 5-fold with pooled out-of-fold
-  predictions, balanced accuracy, the decision threshold re-set to the best training balanced
-  accuracy (as for the 1-D baselines), an L2-regularised squared-hinge SVM beside logistic
-  regression. `curve` in results.json is the detector fixed before the run (logistic regression
-  on logit-lens log-odds); the best of the six curve detectors is `curve_best` (picked after
-  the fact, so optimistic).
-- Baselines and controls the paper never ran: final probability and final entropy thresholds,
-  the template alone, template + final probability, template + curve, and AUROC inside
-  final-probability bins (and bin x template cells).
-- The tuned lens is an affine map fitted in closed form (tiny ridge) on the trained prompts to
-  the final residual, not trained with SGD on a KL loss as in Belrose et al.
+- Detector data: `unseen_prompts` = held-out prompts of facts the model knows through some
+  template, right (0) vs wrong (1), so both come from generalisation; `all_prompts` = every
+  prompt of a fact mixed between right and wrong (the paper's setting; trained prompts are
+  right, so it mostly separates memorised from new prompts).
+- The official code fits sklearn's linear SVC on one random 80/20 split, plain accuracy. Here:
+  classes weighted, subject-grouped 5-fold (a subject never on both sides), balanced accuracy,
+  the bias re-set to the best training threshold, an L2 squared-hinge SVM beside logistic
+  regression. `curve` in results.json is the detector fixed before the run (logreg on logit-lens
+  log-odds); `curve_best`, the best of six, is picked after the fact and optimistic.
+- Baselines and controls the paper never ran: final-p and entropy thresholds, the template
+  alone, with final p and with the curve, AUROC inside final-p bins (and bin x template cells).
+- The tuned lens is an affine map fitted in closed form (tiny ridge) on the trained prompts,
+  not trained by SGD on a KL loss as in Belrose et al.
 """
 
 import argparse
@@ -122,12 +64,12 @@ import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
-import random
 import re
 import sys
 import time
-from typing import NamedTuple
+import typing
 
 import datasets
 import numpy as np
@@ -135,6 +77,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 
 @dataclasses.dataclass
@@ -144,195 +87,41 @@ class Config:
 
     steps: int = 800  # training steps per seed
     seed: int = 0  # the first seed; the run uses seed, seed + 1, ..., seed + n_seeds - 1
-    n_seeds: int = 3  # seeds (one knowledge-base split and one model each)
+    n_seeds: int = 3  # seeds (one knowledge-base split and one model each), one job each
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda or mps
     data: str = ""  # JSON-lines facts: subject, relation, object (one word each); empty: synthetic
-    out: str = "runs/hallucination_lens"  # folder for results.json and the figure
+    out: str = "runs/hallucination_lens"  # folder for results.json, results.md and the figure
     smoke: bool = False  # the same code path at a tiny size, in seconds
+    workers: int = 0  # worker processes of one thread each (0: one per core; 1 on a GPU)
     log_every: int = 200  # steps between log lines
     n_subjects: int = 300  # subjects in the synthetic knowledge base
     n_relations: int = 4  # relations in the synthetic knowledge base
     n_objects: int = 16  # objects per relation
     zipf: float = 1.0  # object prior p(k) ∝ (k+1)^-zipf: the model's "default guess" per relation
     template_train: float = 0.5  # chance that a (fact, template 1-3) pair is trained (0: always)
-    n_layers: int = 4  # decoder layers
-    d_model: int = 64  # residual width
-    n_heads: int = 4  # attention heads
+    n_layer: int = 4  # decoder blocks
+    n_embd: int = 64  # residual width
+    n_head: int = 4  # attention heads
     batch_size: int = 128  # prompts per step
     lr: float = 3e-3  # AdamW peak learning rate (warm-up over steps / 20, cosine decay to lr / 10)
     weight_decay: float = 0.01  # AdamW weight decay
     n_folds: int = 5  # subject-grouped cross-validation folds for the detectors
 
     def __post_init__(self):
-        positive = ("n_seeds", "log_every", "n_subjects", "n_relations", "n_objects", "n_layers",
-                    "d_model", "n_heads", "batch_size")
+        positive = ("n_seeds", "log_every", "n_subjects", "n_relations", "n_objects", "n_layer",
+                    "n_embd", "n_head", "batch_size")
         for name in positive:
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} {value}: must be positive")
-        require(self.d_model % self.n_heads == 0,
-                f"--d-model {self.d_model}: must be divisible by --n-heads {self.n_heads}")
+        require(self.n_embd % self.n_head == 0,
+                f"--n-embd {self.n_embd}: must be divisible by --n-head {self.n_head}")
         require(self.zipf >= 0, f"--zipf {self.zipf}: must be >= 0")
         require(0 <= self.template_train <= 1,
                 f"--template-train {self.template_train}: must be in [0, 1]")
         require(self.lr > 0, f"--lr {self.lr}: must be positive")
         require(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
         require(self.n_folds >= 2, f"--n-folds {self.n_folds}: must be at least 2")
-
-
-# --- data ---
-
-RELATION_WORDS = ["capital", "language", "sport", "color", "religion", "genre", "team",
-                  "instrument"]
-# Four phrasings of every (subject, relation, object) triplet; the answer is the next token.
-# {s}: the subject's name, {a}: its alias, {r}: the relation word, {d}: another subject (a
-# distractor) and {o}: the distractor's own object for this relation, named in the prompt.
-TEMPLATES = [
-    "{s} {r} :",  # 0: the name next to the answer slot (always trained)
-    "{s} , friend of {d} ( {o} ) , has {r}",  # 1: a distractor subject and object in between
-    "{a} {r} :",  # 2: the alias next to the answer slot
-    "the {r} of {a} , they say , is",  # 3: the alias far from the answer slot
-]
-LINK_TEMPLATE = "{a} is also known as"  # trained for every subject: the alias -> name link
-
-
-def make_kb(n_subjects, n_relations, n_objects, zipf, rng):
-    """Synthetic triplets: object k of a relation drawn with p(k) ∝ (k+1)^-zipf (dicts)."""
-    extra = [f"rel{j}" for j in range(len(RELATION_WORDS), n_relations)]
-    relation_words = RELATION_WORDS[:n_relations] + extra
-    prior = np.arange(1, n_objects + 1, dtype=np.float64) ** -zipf
-    prior /= prior.sum()
-    facts = []
-    for i in range(n_subjects):
-        for r in relation_words:
-            k = rng.choice(n_objects, p=prior)
-            facts.append({"subject": f"s{i}", "relation": r, "object": f"{r}{k}"})
-    return facts
-
-
-def build_prompts(facts, template_train, rng):
-    """Every fact through every template, plus one alias link per subject.
-
-    Template 0 and the links are always trained; each (fact, template 1-3) pair is trained with
-    probability template_train, else held out (an unseen prompt). Template 1 names a distractor:
-    another subject with the same relation, and that subject's own object. Returns dicts with
-    text, answer, fact (index; -1 for links), template (index; -1), subject, train (bool).
-    """
-    subjects = sorted({f["subject"] for f in facts}, key=lambda s: (len(s), s))
-    object_of = {(f["subject"], f["relation"]): f["object"] for f in facts}
-    holders = {}  # relation -> subjects that have a fact for it
-    for f in facts:
-        holders.setdefault(f["relation"], []).append(f["subject"])
-    prompts = []
-    for i, f in enumerate(facts):
-        s = f["subject"]
-        r = f["relation"]
-        others = [x for x in holders[r] if x != s] or [s]
-        d = others[rng.integers(len(others))]
-        fields = dict(s=s, a="aka_" + s, r=r, d=d, o=object_of[(d, r)])
-        for t, template in enumerate(TEMPLATES):
-            train = t == 0 or rng.random() < template_train
-            prompts.append(dict(text="<bos> " + template.format(**fields), answer=f["object"],
-                                fact=i, template=t, subject=s, train=train))
-    for s in subjects:
-        text = "<bos> " + LINK_TEMPLATE.format(a="aka_" + s)
-        prompts.append(dict(text=text, answer=s, fact=-1, template=-1, subject=s, train=True))
-    return prompts
-
-
-def tokenize(prompts):
-    """Closed-word tiktoken encoding, then compact ids; prompts left-padded to one length.
-    Returns tokens (N, T) long, answers (N,) long and the id -> word list."""
-    words = {w for p in prompts for w in p["text"].split()[1:] + [p["answer"]]}
-    enc = word_encoding(sorted(words), ["<bos>", "<pad>"])
-    seqs = [enc.encode(p["text"], allowed_special="all") for p in prompts]
-    answer_ids = [enc.encode(" " + p["answer"]) for p in prompts]
-    require(all(len(a) == 1 for a in answer_ids), "every answer must be one word (one token)")
-    pad = enc.encode("<pad>", allowed_special="all")[0]
-    used = sorted({t for s in seqs for t in s} | {a[0] for a in answer_ids} | {pad})
-    compact = {t: i for i, t in enumerate(used)}
-    width = max(len(s) for s in seqs)
-    rows = [[compact[pad]] * (width - len(s)) + [compact[t] for t in s] for s in seqs]
-    tokens = torch.tensor(rows)  # (N, T)
-    answers = torch.tensor([compact[a[0]] for a in answer_ids])  # (N,)
-    vocab = [enc.decode([t]) for t in used]
-    return tokens, answers, vocab
-
-
-def word_encoding(words, specials):
-    """An offline tiktoken.Encoding over a closed vocabulary (the stock ones download their files).
-
-    Ranks: the 256 single bytes, then every prefix of every word (with and without a leading
-    space), so BPE merges each vocabulary word into one token; unknown text still encodes, byte by
-    byte. `specials` (tags such as "<think>") become special tokens: encode with
-    allowed_special="all".
-    """
-    ranks = {bytes([i]): i for i in range(256)}
-    for word in sorted(set(words)):
-        for w in (word.encode(), b" " + word.encode()):
-            for end in range(2, len(w) + 1):
-                ranks.setdefault(w[:end], len(ranks))
-    special_tokens = {s: len(ranks) + i for i, s in enumerate(specials)}
-    return tiktoken.Encoding(name="closed_words", pat_str=r" ?[^\s<>]+| ?<[^\s<>]*>?|\s+",
-                             mergeable_ranks=ranks, special_tokens=special_tokens)
-
-
-
-# --- model ---
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block that also returns the residual between its two sub-layers."""
-
-    def __init__(self, d, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        """x (B, T, d) -> the residual after the attention and after the MLP, each (B, T, d)."""
-        B, T, C = x.shape
-        hs = C // self.n_heads
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # each (B, T, d)
-        q = q.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, d)
-        x_attn = x + self.proj(y)  # (B, T, d)
-        x_mlp = x_attn + self.mlp(self.ln2(x_attn))  # (B, T, d)
-        return x_attn, x_mlp
-
-
-class TinyLM(nn.Module):
-    """Pre-LN decoder with learned positions; predicts the token after the last position."""
-
-    def __init__(self, vocab_size, block_size, d, n_layers, n_heads):
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, d)
-        self.pos = nn.Embedding(block_size, d)
-        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab_size, bias=False)  # the unembedding W_U (V, d)
-
-    def hiddens(self, tokens):
-        """The last position's residual after the embedding and after every sub-layer: the
-        P = 1 + 2L points the lenses read. tokens (B, T) -> (B, P, d)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-        x = self.tok(tokens) + self.pos(positions)  # (B, T, d)
-        points = [x[:, -1]]
-        for block in self.blocks:
-            x_attn, x = block(x)
-            points.append(x_attn[:, -1])
-            points.append(x[:, -1])
-        return torch.stack(points, 1)  # (B, P, d)
-
-    def forward(self, tokens):
-        h = self.hiddens(tokens)[:, -1]  # (B, d): the final residual
-        return self.head(self.ln_f(h))  # (B, V) next-token logits
+        require(self.workers >= 0, f"--workers {self.workers}: must be >= 0")
 
 
 # --- the paper's method ---
@@ -397,6 +186,365 @@ def entropy(probs):
     return -(probs * probs.clamp(min=1e-30).log()).sum(-1)
 
 
+class Threshold(typing.NamedTuple):
+    """The 1-D rule sign · (x - t) > 0 -> class 1."""
+
+    t: float  # the threshold
+    sign: float  # +1: high x means class 1; -1: low x does
+
+
+def best_threshold(x, y):
+    """The 1-D rule sign · (x - t) > 0 of best balanced accuracy on (x, y); t runs over the
+    midpoints between sorted values and one point beyond each end. x (N,), y (N,) -> Threshold."""
+    if x.shape != y.shape or x.dim() != 1:
+        raise ValueError(f"x and y must both be (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
+    xs = x.double().sort().values  # (N,)
+    cand = torch.cat([xs[:1] - 1, (xs[1:] + xs[:-1]) / 2, xs[-1:] + 1])  # (N+1,)
+    above = x.double()[None, :] > cand[:, None]  # (N+1, N): the rule "x > t -> 1" for every t
+    yb = y.bool()[None]  # (1, N)
+    tpr = (above & yb).sum(1) / yb.sum().clamp(min=1)  # (N+1,)
+    tnr = (~above & ~yb).sum(1) / (~yb).sum().clamp(min=1)  # (N+1,)
+    bal = (tpr + tnr) / 2  # (N+1,)
+    i_up = int(bal.argmax())
+    i_down = int(bal.argmin())  # the rule "x <= t -> 1" scores 1 - bal
+    if bal[i_up] >= 1 - bal[i_down]:
+        return Threshold(float(cand[i_up]), 1.0)
+    return Threshold(float(cand[i_down]), -1.0)
+
+
+@dataclasses.dataclass
+class LinearDetector:
+    """score(x) = ((x - mu) / sd) · w + b; a hallucination is predicted where score > 0."""
+
+    w: torch.Tensor  # (F,) weights on standardized features
+    b: float  # bias
+    mu: torch.Tensor  # (F,) training mean
+    sd: torch.Tensor  # (F,) training standard deviation
+
+    def score(self, X):
+        return ((X.double() - self.mu) / self.sd) @ self.w + self.b  # (N,)
+
+
+def train_linear_classifier(X, y, kind="logreg", l2=1e-3, iters=50):
+    """A linear detector on standardized features z = (x - mu) / sd.
+
+    X (N, F), y (N,) in {0, 1}; margin m = s (z · w + b), s = 2y - 1; class weights
+    c_y = N / (2 N_y) so both classes count equally (hallucinations are the rarer class).
+      logreg: L = mean c_y softplus(-m)   + λ/2 ||w||²
+      svm:    L = mean c_y max(0, 1 - m)² + λ/2 ||w||²   (squared hinge, as sklearn's LinearSVC)
+    Both are convex; Newton's method on θ = (w, b) solves them in a few steps. The bias is then
+    re-set to the training threshold of best balanced accuracy, the rule the 1-D baselines use.
+    Returns a LinearDetector.
+    """
+    if kind not in ("logreg", "svm"):
+        raise ValueError(f"classifier kind {kind}: choose logreg or svm")
+    if X.dim() != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"X must be (N, F) and y (N,), got {tuple(X.shape)}, {tuple(y.shape)}")
+    X = X.double()
+    y = y.double()
+    N, n_feat = X.shape
+    mu = X.mean(0)  # (F,)
+    sd = X.std(0).clamp(min=1e-6)  # (F,)
+    A = torch.cat([(X - mu) / sd, X.new_ones(N, 1)], 1)  # (N, F+1): features and a bias column
+    s = 2 * y - 1  # (N,)
+    c = torch.where(y > 0, N / (2 * y.sum().clamp(min=1)), N / (2 * (1 - y).sum().clamp(min=1)))
+    reg = torch.cat([X.new_full((n_feat,), l2), X.new_zeros(1)])  # (F+1,): no penalty on b
+    theta = X.new_zeros(n_feat + 1)  # (F+1,)
+    for _ in range(iters):
+        m = s * (A @ theta)  # (N,)
+        if kind == "logreg":
+            # ∇L = -mean c s σ(-m) a + λ w ;  ∇²L = mean c σ(m) σ(-m) a aᵀ + λ I
+            grad = -(A.T @ (c * s * torch.sigmoid(-m))) / N + reg * theta  # (F+1,)
+            curv = c * torch.sigmoid(m) * torch.sigmoid(-m)  # (N,)
+        else:
+            # ∇L = -2 mean c s (1 - m)₊ a + λ w ;  ∇²L = 2 mean c [m < 1] a aᵀ + λ I
+            grad = -2 * (A.T @ (c * s * (1 - m).clamp(min=0))) / N + reg * theta  # (F+1,)
+            curv = 2 * c * (m < 1)  # (N,): the generalized Hessian of the squared hinge
+        hess = (A.T * curv) @ A / N + torch.diag(reg + 1e-9)  # (F+1, F+1)
+        step = torch.linalg.solve(hess, grad)  # (F+1,)
+        theta = theta - step
+        if step.abs().max() < 1e-9:
+            break
+    rule = best_threshold(A[:, :-1] @ theta[:-1], y)
+    return LinearDetector(w=rule.sign * theta[:-1], b=-rule.sign * rule.t, mu=mu, sd=sd)
+
+
+# --- data ---
+
+RELATION_WORDS = ["capital", "language", "sport", "color", "religion", "genre", "team",
+                  "instrument"]
+# Four phrasings of every (subject, relation, object) triplet; the answer is the next token.
+# {s}: the subject's name, {a}: its alias, {r}: the relation word, {d}: another subject (a
+# distractor) and {o}: the distractor's own object for this relation, named in the prompt.
+TEMPLATES = [
+    "{s} {r} :",  # 0: the name next to the answer slot (always trained)
+    "{s} , friend of {d} ( {o} ) , has {r}",  # 1: a distractor subject and object in between
+    "{a} {r} :",  # 2: the alias next to the answer slot
+    "the {r} of {a} , they say , is",  # 3: the alias far from the answer slot
+]
+LINK_TEMPLATE = "{a} is also known as"  # trained for every subject: the alias -> name link
+
+
+def make_kb(n_subjects, n_relations, n_objects, zipf, rng):
+    """Synthetic triplets: object k of a relation drawn with p(k) ∝ (k+1)^-zipf (dicts)."""
+    extra = [f"rel{j}" for j in range(len(RELATION_WORDS), n_relations)]
+    relation_words = RELATION_WORDS[:n_relations] + extra
+    prior = np.arange(1, n_objects + 1, dtype=np.float64) ** -zipf
+    prior /= prior.sum()
+    facts = []
+    for i in range(n_subjects):
+        for r in relation_words:
+            k = rng.choice(n_objects, p=prior)
+            facts.append({"subject": f"s{i}", "relation": r, "object": f"{r}{k}"})
+    return facts
+
+
+def build_prompts(facts, template_train, rng):
+    """Every fact through every template, plus one alias link per subject.
+
+    Template 0 and the links are always trained; each (fact, template 1-3) pair is trained with
+    probability template_train, else held out (an unseen prompt). Template 1 names a distractor:
+    another subject with the same relation, and that subject's own object. Returns dicts with
+    text, answer, fact (index; -1 for links), template (index; -1), subject, train (bool).
+    """
+    subjects = sorted({f["subject"] for f in facts}, key=lambda s: (len(s), s))
+    object_of = {(f["subject"], f["relation"]): f["object"] for f in facts}
+    holders = {}  # relation -> subjects that have a fact for it
+    for f in facts:
+        holders.setdefault(f["relation"], []).append(f["subject"])
+    prompts = []
+    for i, f in enumerate(facts):
+        s = f["subject"]
+        r = f["relation"]
+        others = [x for x in holders[r] if x != s] or [s]
+        d = others[rng.integers(len(others))]
+        fields = dict(s=s, a="aka_" + s, r=r, d=d, o=object_of[(d, r)])
+        for t, template in enumerate(TEMPLATES):
+            train = t == 0 or rng.random() < template_train
+            prompts.append(dict(text="<bos> " + template.format(**fields), answer=f["object"],
+                                fact=i, template=t, subject=s, train=train))
+    for s in subjects:
+        text = "<bos> " + LINK_TEMPLATE.format(a="aka_" + s)
+        prompts.append(dict(text=text, answer=s, fact=-1, template=-1, subject=s, train=True))
+    return prompts
+
+
+@dataclasses.dataclass
+class PromptSet:
+    """Every prompt of one seed as tensors (N prompts, T tokens each)."""
+
+    tokens: torch.Tensor  # (N, T) long, left-padded
+    answers: torch.Tensor  # (N,) long: the answer token
+    fact_id: torch.Tensor  # (N,) long: the fact's index, -1 for the alias links
+    template: torch.Tensor  # (N,) long: the template's index, -1 for the links
+    is_train: torch.Tensor  # (N,) bool: trained (else held out)
+    subjects: list  # N subject names (the groups of the cross-validation)
+    n_facts: int  # facts in the knowledge base
+    vocab_size: int  # tokens in the compact vocabulary
+
+
+def prompt_set(facts, prompts):
+    """The prompts of build_prompts as one PromptSet."""
+    tokens, answers, vocab = tokenize(prompts)
+    return PromptSet(tokens=tokens, answers=answers,
+                     fact_id=torch.tensor([p["fact"] for p in prompts]),
+                     template=torch.tensor([p["template"] for p in prompts]),
+                     is_train=torch.tensor([p["train"] for p in prompts]),
+                     subjects=[p["subject"] for p in prompts], n_facts=len(facts),
+                     vocab_size=len(vocab))
+
+
+def tokenize(prompts):
+    """Closed-word tiktoken encoding, then compact ids; prompts left-padded to one length.
+    Returns tokens (N, T) long, answers (N,) long and the id -> word list."""
+    words = set()
+    for p in prompts:
+        words.update(p["text"].split()[1:] + [p["answer"]])
+    enc = word_encoding(sorted(words), ["<bos>", "<pad>"])
+    seqs = [enc.encode(p["text"], allowed_special="all") for p in prompts]
+    answer_ids = [enc.encode(" " + p["answer"]) for p in prompts]
+    require(all(len(a) == 1 for a in answer_ids), "every answer must be one word (one token)")
+    pad = enc.encode("<pad>", allowed_special="all")[0]
+    ids = {pad}
+    for s in seqs:
+        ids.update(s)
+    used = sorted(ids | {a[0] for a in answer_ids})
+    compact = {t: i for i, t in enumerate(used)}
+    width = max(len(s) for s in seqs)
+    rows = []
+    for s in seqs:
+        rows.append([compact[pad]] * (width - len(s)) + [compact[t] for t in s])
+    tokens = torch.tensor(rows)  # (N, T)
+    answers = torch.tensor([compact[a[0]] for a in answer_ids])  # (N,)
+    vocab = [enc.decode([t]) for t in used]
+    return tokens, answers, vocab
+
+
+def word_encoding(words, specials):
+    """An offline tiktoken.Encoding over a closed vocabulary (the stock ones download their files).
+
+    Ranks: the 256 single bytes, then every prefix of every word (with and without a leading
+    space), so BPE merges each vocabulary word into one token; unknown text still encodes, byte by
+    byte. `specials` (tags such as "<think>") become special tokens: encode with
+    allowed_special="all".
+    """
+    ranks = {bytes([i]): i for i in range(256)}
+    for word in sorted(set(words)):
+        for w in (word.encode(), b" " + word.encode()):
+            for end in range(2, len(w) + 1):
+                ranks.setdefault(w[:end], len(ranks))
+    special_tokens = {s: len(ranks) + i for i, s in enumerate(specials)}
+    return tiktoken.Encoding(name="closed_words", pat_str=r" ?[^\s<>]+| ?<[^\s<>]*>?|\s+",
+                             mergeable_ranks=ranks, special_tokens=special_tokens)
+
+
+def user_facts(path):
+    """The --data file's triplets as dicts of one-word strings (spaces become underscores)."""
+    columns = ("subject", "relation", "object")
+    rows = load_user_data(path, list(columns))
+    facts = []
+    for r in rows:
+        facts.append({k: str(r[k]).strip().replace(" ", "_") for k in columns})
+    return facts
+
+
+# --- model ---
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attention(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
+                                 nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x, residuals=None):
+        """x (B, T, D) -> (B, T, D); `residuals`, a list, receives the residual between the two
+        sub-layers (B, T, D), the point the lenses read after the attention."""
+        B, T, D = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)  # (B, T, D) each
+        q = q.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = x + self.c_proj(y)  # (B, T, D)
+        if residuals is not None:
+            residuals.append(x)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyLM(nn.Module):
+    """Pre-LN decoder with learned positions; predicts the token after the last position."""
+
+    def __init__(self, vocab_size, block_size, n_embd, n_layer, n_head):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)  # the unembedding W_U (V, D)
+
+    def hiddens(self, tokens):
+        """The last position's residual after the embedding and after every sub-layer: the
+        P = 1 + 2L points the lenses read. tokens (B, T) -> (B, P, D)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = self.tok(tokens) + self.pos(positions)  # (B, T, D)
+        residuals = [x]
+        for block in self.blocks:
+            x = block(x, residuals)  # appends the residual after the attention
+            residuals.append(x)
+        return torch.stack([r[:, -1] for r in residuals], 1)  # (B, P, D)
+
+    def forward(self, tokens):
+        h = self.hiddens(tokens)[:, -1]  # (B, D): the final residual
+        return self.head(self.ln_f(h))  # (B, V) next-token logits
+
+
+# --- training ---
+
+
+def cosine_lr(step, total, lr, warmup):
+    """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
+    # 1) linear warm-up from lr / warmup to lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    # 2) cosine decay from lr (progress 0) to lr / 10 (progress 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
+
+
+def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
+    """AdamW on the cross-entropy of the answer token only (the token after the prompt);
+    on_log() returns the metrics to add to each log line."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.98))
+    warmup = max(1, cfg.steps // 20)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.time()
+    seen = 0
+    for step in range(1, cfg.steps + 1):
+        lr = cosine_lr(step - 1, cfg.steps, cfg.lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)  # (B,)
+        idx = train_idx[pick]  # (B,)
+        x = tokens[idx].to(device)  # (B, T)
+        y = answers[idx].to(device)  # (B,)
+        logits = model(x)  # (B, V)
+        # L = -mean_b log p(answer_b | prompt_b): the answer is the only supervised token
+        loss = F.cross_entropy(logits, y)
+        loss_value = loss.item()
+        check_finite(step, loss=loss_value)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += x.numel()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = on_log()
+            tok_per_s = seen / max(time.time() - start, 1e-9)
+            log_progress(step, cfg.steps, start, seed=seed, loss=loss_value, lr=lr, **metrics,
+                         tok_per_s=tok_per_s)
+
+
+# --- the study: lenses, detectors, controls (a reader who came for the method may stop here) ---
+
+PROB_BINS = [0.5, 0.9, 0.99]  # final-probability bin edges: [0, .5), [.5, .9), [.9, .99), [.99, 1]
+HEADLINE = "curve_logit_logreg"  # the curve detector chosen before looking at any result
+GAIN_MIN = 0.02  # the verdict rule: template + curve must beat template + final p by this much
+CELL_AUROC_MIN = 0.55  # ... and the curve's AUROC inside bin x template cells must reach this
+PAPER = {"top1_success": 0.776, "top1_fail": 0.313,  # Llama2-7B-chat, the paper's numbers
+         "detector_accuracy_logit": 0.839, "detector_accuracy_both": 0.879}
+
+
+class Arm(typing.NamedTuple):
+    """One detector: which features, which classifier ("threshold": the best 1-D rule)."""
+
+    features: str
+    kind: str
+
+
+DETECTORS = {
+    "curve_logit_logreg": Arm("logit", "logreg"),
+    "curve_logit_svm": Arm("logit", "svm"),
+    "curve_tuned_logreg": Arm("tuned", "logreg"),
+    "curve_tuned_svm": Arm("tuned", "svm"),
+    "curve_both_logreg": Arm("both", "logreg"),
+    "curve_both_svm": Arm("both", "svm"),
+    "final_prob": Arm("final_prob", "threshold"),
+    "entropy": Arm("entropy", "threshold"),
+    "template_only": Arm("template", "logreg"),
+    "template_final_prob": Arm("template_final_prob", "logreg"),
+    "template_curve": Arm("template_curve", "logreg"),
+}
+
+
 def balanced_accuracy(pred, y):
     """(TPR + TNR) / 2 for boolean predictions (N,) and 0/1 labels (N,)."""
     if pred.shape != y.shape or y.dim() != 1:
@@ -435,81 +583,6 @@ def within_cell_auroc(score, y, cell):
     return float(np.mean(values)) if values else None
 
 
-def best_threshold(x, y):
-    """The 1-D rule sign · (x - t) > 0 of best balanced accuracy on (x, y); t runs over the
-    midpoints between sorted values and one point beyond each end. x (N,), y (N,) -> (t, sign)."""
-    if x.shape != y.shape or x.dim() != 1:
-        raise ValueError(f"x and y must both be (N,), got {tuple(x.shape)}, {tuple(y.shape)}")
-    xs = x.double().sort().values  # (N,)
-    cand = torch.cat([xs[:1] - 1, (xs[1:] + xs[:-1]) / 2, xs[-1:] + 1])  # (N+1,)
-    above = x.double()[None, :] > cand[:, None]  # (N+1, N): the rule "x > t -> 1" for every t
-    yb = y.bool()[None]  # (1, N)
-    tpr = (above & yb).sum(1) / yb.sum().clamp(min=1)  # (N+1,)
-    tnr = (~above & ~yb).sum(1) / (~yb).sum().clamp(min=1)  # (N+1,)
-    bal = (tpr + tnr) / 2  # (N+1,)
-    i_up = int(bal.argmax())
-    i_down = int(bal.argmin())  # the rule "x <= t -> 1" scores 1 - bal
-    if bal[i_up] >= 1 - bal[i_down]:
-        return float(cand[i_up]), 1.0
-    return float(cand[i_down]), -1.0
-
-
-@dataclasses.dataclass
-class LinearDetector:
-    """score(x) = ((x - mu) / sd) · w + b; a hallucination is predicted where score > 0."""
-
-    w: torch.Tensor  # (F,) weights on standardized features
-    b: float  # bias
-    mu: torch.Tensor  # (F,) training mean
-    sd: torch.Tensor  # (F,) training standard deviation
-
-    def score(self, X):
-        return ((X.double() - self.mu) / self.sd) @ self.w + self.b  # (N,)
-
-
-def train_linear_classifier(X, y, kind="logreg", l2=1e-3, iters=50):
-    """A linear detector on standardized features z = (x - mu) / sd.
-
-    X (N, F), y (N,) in {0, 1}; margin m = s (z · w + b), s = 2y - 1; class weights
-    c_y = N / (2 N_y) so both classes count equally (hallucinations are the rarer class).
-      logreg: L = mean c_y softplus(-m)   + λ/2 ||w||²
-      svm:    L = mean c_y max(0, 1 - m)² + λ/2 ||w||²   (squared hinge, as sklearn's LinearSVC)
-    Both are convex; Newton's method on θ = (w, b) solves them in a few steps. The bias is then
-    re-set to the training threshold of best balanced accuracy, the rule the 1-D baselines use.
-    Returns a LinearDetector.
-    """
-    require(kind in ("logreg", "svm"), f"classifier kind {kind}: choose logreg or svm")
-    if X.dim() != 2 or y.shape != (X.shape[0],):
-        raise ValueError(f"X must be (N, F) and y (N,), got {tuple(X.shape)}, {tuple(y.shape)}")
-    X = X.double()
-    y = y.double()
-    N, n_feat = X.shape
-    mu = X.mean(0)  # (F,)
-    sd = X.std(0).clamp(min=1e-6)  # (F,)
-    A = torch.cat([(X - mu) / sd, X.new_ones(N, 1)], 1)  # (N, F+1): features and a bias column
-    s = 2 * y - 1  # (N,)
-    c = torch.where(y > 0, N / (2 * y.sum().clamp(min=1)), N / (2 * (1 - y).sum().clamp(min=1)))
-    reg = torch.cat([X.new_full((n_feat,), l2), X.new_zeros(1)])  # (F+1,): no penalty on b
-    theta = X.new_zeros(n_feat + 1)  # (F+1,)
-    for _ in range(iters):
-        m = s * (A @ theta)  # (N,)
-        if kind == "logreg":
-            # ∇L = -mean c s σ(-m) a + λ w ;  ∇²L = mean c σ(m) σ(-m) a aᵀ + λ I
-            grad = -(A.T @ (c * s * torch.sigmoid(-m))) / N + reg * theta  # (F+1,)
-            curv = c * torch.sigmoid(m) * torch.sigmoid(-m)  # (N,)
-        else:
-            # ∇L = -2 mean c s (1 - m)₊ a + λ w ;  ∇²L = 2 mean c [m < 1] a aᵀ + λ I
-            grad = -2 * (A.T @ (c * s * (1 - m).clamp(min=0))) / N + reg * theta  # (F+1,)
-            curv = 2 * c * (m < 1)  # (N,): the generalized Hessian of the squared hinge
-        hess = (A.T * curv) @ A / N + torch.diag(reg + 1e-9)  # (F+1, F+1)
-        step = torch.linalg.solve(hess, grad)  # (F+1,)
-        theta = theta - step
-        if step.abs().max() < 1e-9:
-            break
-    t, sign = best_threshold(A[:, :-1] @ theta[:-1], y)
-    return LinearDetector(w=sign * theta[:-1], b=-sign * t, mu=mu, sd=sd)
-
-
 def grouped_folds(groups, n_folds, gen):
     """Cross-validation folds by group: every group (subject) lands in one fold, so no subject
     is on both sides of a split. groups: a list of N labels -> (N,) long fold index."""
@@ -528,77 +601,22 @@ def cross_validate(X, y, folds, kind):
     if X.dim() != 2 or y.shape != (X.shape[0],) or folds.shape != y.shape:
         raise ValueError(f"X (N, F), y (N,), folds (N,) expected, got {tuple(X.shape)}, "
                          f"{tuple(y.shape)}, {tuple(folds.shape)}")
+    if kind == "threshold" and X.shape[1] != 1:
+        raise ValueError(f"a threshold needs one feature, got {X.shape[1]}")
     score = torch.zeros(len(y), dtype=torch.float64)  # (N,)
     for k in folds.unique():
         test = folds == k  # (N,)
         train = ~test
         if kind == "threshold":
-            if X.shape[1] != 1:
-                raise ValueError(f"a threshold needs one feature, got {X.shape[1]}")
-            t, sign = best_threshold(X[train, 0], y[train])
-            score[test] = sign * (X[test, 0].double() - t)
+            rule = best_threshold(X[train, 0], y[train])
+            score[test] = rule.sign * (X[test, 0].double() - rule.t)
         else:
             detector = train_linear_classifier(X[train], y[train], kind)
             score[test] = detector.score(X[test])
     return score, score > 0
 
 
-# --- training ---
-
-
-def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
-    """AdamW on the cross-entropy of the answer token only (the token after the prompt)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.98))
-    warmup = max(1, cfg.steps // 20)
-    gen = torch.Generator().manual_seed(seed)
-    start = time.time()
-    seen = 0
-    for step in range(1, cfg.steps + 1):
-        lr = cosine_lr(step - 1, cfg.steps, cfg.lr, warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)  # (B,)
-        idx = train_idx[pick]  # (B,)
-        x = tokens[idx].to(device)  # (B, T)
-        y = answers[idx].to(device)  # (B,)
-        with autocast(device):
-            logits = model(x)  # (B, V)
-        # L = -mean_b log p(answer_b | prompt_b): the answer is the only supervised token
-        loss = F.cross_entropy(logits.float(), y)
-        loss_value = loss.item()
-        check_finite(step, loss=loss_value)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += x.numel()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = on_log()
-            tok_per_s = seen / max(time.time() - start, 1e-9)
-            log_progress(step, cfg.steps, start, loss=loss_value, lr=lr, **metrics,
-                         tok_per_s=tok_per_s)
-
-
-# --- evaluation ---
-
-PROB_BINS = [0.5, 0.9, 0.99]  # final-probability bin edges: [0, .5), [.5, .9), [.9, .99), [.99, 1]
-HEADLINE = "curve_logit_logreg"  # the curve detector chosen before looking at any result
-DETECTORS = {  # arm -> (feature set, classifier); "threshold" is the best 1-D rule
-    "curve_logit_logreg": ("logit", "logreg"),
-    "curve_logit_svm": ("logit", "svm"),
-    "curve_tuned_logreg": ("tuned", "logreg"),
-    "curve_tuned_svm": ("tuned", "svm"),
-    "curve_both_logreg": ("both", "logreg"),
-    "curve_both_svm": ("both", "svm"),
-    "final_prob": ("final_prob", "threshold"),
-    "entropy": ("entropy", "threshold"),
-    "template_only": ("template", "logreg"),
-    "template_final_prob": ("template_final_prob", "logreg"),
-    "template_curve": ("template_curve", "logreg"),
-}
-
-
-class Readout(NamedTuple):
+class Readout(typing.NamedTuple):
     """One lens read at every point (P) for every prompt (N)."""
 
     out: torch.Tensor  # (N,) the output token o: the logit lens's argmax at the last point
@@ -609,26 +627,32 @@ class Readout(NamedTuple):
     top1_gold: torch.Tensor  # (N, P) bool: gold is the top token at point l
 
 
+class Lenses(typing.NamedTuple):
+    """Both lenses on the same prompts; the tuned lens follows the logit lens's output token."""
+
+    logit: Readout
+    tuned: Readout
+
+
 @torch.no_grad()
 def all_hiddens(model, tokens, device, batch=2048):
-    """The last position's residual at every point for every prompt: (N, P, d) on the CPU."""
+    """The last position's residual at every point for every prompt: (N, P, D) on the CPU."""
     model.eval()
     chunks = []
     for i in range(0, len(tokens), batch):
-        with autocast(device):
-            chunks.append(model.hiddens(tokens[i:i + batch].to(device)).float().cpu())
+        chunks.append(model.hiddens(tokens[i:i + batch].to(device)).cpu())  # (b, P, D)
     model.train()
     return torch.cat(chunks)
 
 
 @torch.no_grad()
 def read_lens(H, final_norm, unembed, answers, out=None, batch=2048):
-    """Read hiddens H (N, P, d) through final_norm and unembed (V, d): the output token's and
+    """Read hiddens H (N, P, D) through final_norm and unembed (V, D): the output token's and
     the gold token's curves, entropy and top-1 flags. out (N,): the output token to follow;
     None: this readout's own argmax at the last point."""
     parts = []
     for i in range(0, len(H), batch):
-        h = H[i:i + batch].to(unembed.device)  # (b, P, d)
+        h = H[i:i + batch].to(unembed.device)  # (b, P, D)
         probs = logit_lens(h, final_norm, unembed).cpu()  # (b, P, V)
         o = probs[:, -1].argmax(1) if out is None else out[i:i + batch]  # (b,)
         gold = answers[i:i + batch]  # (b,)
@@ -641,9 +665,20 @@ def read_lens(H, final_norm, unembed, answers, out=None, batch=2048):
 
 def tuned_lens_hiddens(H, fit_rows):
     """Fit the tuned lens on the prompts fit_rows (N,) bool, toward the final residual (the last
-    point), and map every point of every prompt into the final residual's space: (N, P, d)."""
-    W = fit_tuned_lens(H[fit_rows], H[fit_rows, -1])  # (P, d+1, d)
+    point), and map every point of every prompt into the final residual's space: (N, P, D)."""
+    W = fit_tuned_lens(H[fit_rows], H[fit_rows, -1])  # (P, D+1, D)
     return apply_tuned_lens(W, H)
+
+
+def read_lenses(model, data, device):
+    """Both lenses at the end of training; the tuned lens is fitted on the trained fact prompts."""
+    H = all_hiddens(model, data.tokens, device)  # (N, P, D)
+    unembed = model.head.weight.detach()  # (V, D)
+    logit = read_lens(H, model.ln_f, unembed, data.answers)
+    fit_rows = data.is_train & (data.fact_id >= 0)  # (N,)
+    tuned = read_lens(tuned_lens_hiddens(H, fit_rows), model.ln_f, unembed, data.answers,
+                      out=logit.out)
+    return Lenses(logit=logit, tuned=tuned)
 
 
 def fact_table(fact_id, template, correct, n_facts, n_templates):
@@ -662,6 +697,40 @@ def knowledge_stats(table):
     return {"mixed_share": float((known & ~all_right).float().mean()),
             "all_right_share": float(all_right.float().mean()),
             "all_wrong_share": float((~known).float().mean())}
+
+
+def track_knowledge(model, data, device, history):
+    """The share of mixed facts and the trained accuracy now, appended to history (a log line's
+    metrics along training, to show where the share settles)."""
+    H_last = all_hiddens(model, data.tokens, device)[:, -1:]  # (N, 1, D)
+    unembed = model.head.weight.detach()  # (V, D)
+    right = read_lens(H_last, model.ln_f, unembed, data.answers).out == data.answers  # (N,)
+    table = fact_table(data.fact_id, data.template, right, data.n_facts, len(TEMPLATES))
+    stats = knowledge_stats(table)
+    acc_train = float(right[data.is_train & (data.fact_id >= 0)].float().mean())
+    history.append({"mixed_share": round(stats["mixed_share"], 4),
+                    "acc_train": round(acc_train, 4)})
+    return history[-1]
+
+
+def share_right(correct, rows):
+    """The share of the prompts in rows (N,) bool that are right; None if there are none."""
+    return float(correct[rows].float().mean()) if rows.any() else None
+
+
+def knowledge_record(data, correct, history):
+    """What the model knows at the end: shares of all-right / mixed / all-wrong facts, accuracy
+    by template on trained and held-out prompts, the alias links, and the shares along training."""
+    is_fact = data.fact_id >= 0  # (N,)
+    table = fact_table(data.fact_id, data.template, correct, data.n_facts, len(TEMPLATES))
+    by_template = {}
+    for t, text in enumerate(TEMPLATES):
+        rows = is_fact & (data.template == t)
+        by_template[text] = {"trained": share_right(correct, rows & data.is_train),
+                             "held_out": share_right(correct, rows & ~data.is_train)}
+    return {**{k: round(v, 4) for k, v in knowledge_stats(table).items()},
+            "by_template": by_template, "link_accuracy": share_right(correct, ~is_fact),
+            "during_training": history}
 
 
 def case_summary(log_odds, tuned_log_odds, top1):
@@ -725,8 +794,8 @@ def evaluate_detectors(features, y, folds, template):
     AUROC inside final-probability bins, and inside bin x template cells."""
     result = {}
     scores = {}
-    for name, (feature, kind) in DETECTORS.items():
-        scores[name], pred = cross_validate(features[feature], y, folds, kind)
+    for name, arm in DETECTORS.items():
+        scores[name], pred = cross_validate(features[arm.features], y, folds, arm.kind)
         result[name] = balanced_accuracy(pred, y)
     curves = [result[name] for name in DETECTORS if name.startswith("curve_")]
     result["curve"] = result[HEADLINE]
@@ -752,182 +821,143 @@ def evaluate_detectors(features, y, folds, template):
     return result
 
 
+def detect(cfg, seed, data, lenses):
+    """The three cases and every detector in both settings: `unseen_prompts` (held-out prompts of
+    facts known through some template) and `all_prompts` (every prompt of a mixed fact). The
+    label is 1 for a hallucination; folds by subject, so no subject is on both sides."""
+    correct = lenses.logit.out == data.answers  # (N,)
+    table = fact_table(data.fact_id, data.template, correct, data.n_facts, len(TEMPLATES))
+    row = data.fact_id.clamp(min=0)  # (N,): the prompt's fact (links read fact 0, masked out)
+    known = (data.fact_id >= 0) & table.any(1)[row]  # (N,)
+    mixed = known & ~table.all(1)[row]  # (N,)
+    settings = {"unseen_prompts": known & ~data.is_train, "all_prompts": mixed}
+    y = (~correct).long()  # (N,)
+    template = data.template.clamp(min=0)  # (N,)
+    features = detector_features(lenses.logit, lenses.tuned, template, len(TEMPLATES))
+    folds = grouped_folds(data.subjects, cfg.n_folds, torch.Generator().manual_seed(seed))
+    cases = {}
+    detector = {}
+    for name, mask in settings.items():
+        cases[name] = case_curves(lenses.logit, lenses.tuned, correct, mask)
+        detector[name] = None
+        if enough_of_each_class(y[mask], cfg.n_folds):
+            subset = {k: v[mask] for k, v in features.items()}
+            detector[name] = evaluate_detectors(subset, y[mask], folds[mask], data.template[mask])
+        else:
+            print(f"seed {seed}, {name}: fewer than {cfg.n_folds} prompts of a class; no detector")
+    return {"cases": cases, "detector": detector}
+
+
+@dataclasses.dataclass
+class SeedJob:
+    """One seed's work: its own knowledge-base split, model, lenses and detectors."""
+
+    cfg: Config
+    seed: int
+    facts: typing.Optional[list]  # the --data triplets (dicts); None: a synthetic KB per seed
+    device: str  # where the model trains
+
+
+def run_seed(job):
+    """One seed: prompts, a model trained on its trained prompts, both lenses, the three cases
+    and every detector in both settings. Returns plain data (one results.json entry)."""
+    cpu_start = time.process_time()
+    cfg = job.cfg
+    device = torch.device(job.device)
+    torch.manual_seed(job.seed)  # the model's initialisation (also every CUDA device)
+    rng = np.random.default_rng(job.seed)  # the knowledge base and the held-out pairs
+    facts = job.facts
+    if facts is None:
+        facts = make_kb(cfg.n_subjects, cfg.n_relations, cfg.n_objects, cfg.zipf, rng)
+    data = prompt_set(facts, build_prompts(facts, cfg.template_train, rng))
+    model = TinyLM(data.vocab_size, data.tokens.shape[1], cfg.n_embd, cfg.n_layer, cfg.n_head)
+    model = model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"seed {job.seed}: {data.n_facts} facts, {len(data.subjects)} prompts "
+          f"({int(data.is_train.sum())} trained), vocab {data.vocab_size}, prompt length "
+          f"{data.tokens.shape[1]}, {n_params / 1e6:.2f}M parameters")
+    history = []
+    train(model, data.tokens, data.answers, data.is_train.nonzero()[:, 0], cfg, job.seed, device,
+          lambda: track_knowledge(model, data, device, history))
+    lenses = read_lenses(model, data, device)
+    knowledge = knowledge_record(data, lenses.logit.out == data.answers, history)
+    return {"seed": job.seed, "n_params": n_params, "knowledge": knowledge,
+            **detect(cfg, job.seed, data, lenses), "cpu_s": time.process_time() - cpu_start}
+
+
 def seed_stat(values, reduce):
     """Reduce per-seed numbers (or dicts of them, key by key) with reduce, skipping None and
     NaN; None where no seed has a value."""
     if isinstance(values[0], dict):
-        return {k: seed_stat([v[k] for v in values], reduce) for k in values[0]}
+        stats = {}
+        for k in values[0]:
+            stats[k] = seed_stat([v[k] for v in values], reduce)
+        return stats
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return round(float(reduce(kept)), 4) if kept else None
 
 
 def curve_adds_information(per_seed):
     """The rule fixed before the run: the curve adds information only if template + curve beats
-    template + final probability by >= 0.02 in every seed, and inside bin x template cells the
-    curve's mean AUROC is >= 0.55 and above the final probability's."""
+    template + final probability by >= GAIN_MIN in every seed, and inside bin x template cells
+    the curve's mean AUROC is >= CELL_AUROC_MIN and above the final probability's."""
     gains = [s["template_curve_gain"] for s in per_seed]
     cell = seed_stat([s["within_bin_template_auroc"] for s in per_seed], np.mean)
     if cell["curve"] is None or cell["final_prob"] is None:
         return False
-    return min(gains) >= 0.02 and cell["curve"] >= 0.55 and cell["curve"] > cell["final_prob"]
+    return (min(gains) >= GAIN_MIN and cell["curve"] >= CELL_AUROC_MIN
+            and cell["curve"] > cell["final_prob"])
 
 
-def run_seed(cfg, seed, facts, device):
-    """One seed: prompts, a model trained on its trained prompts, both lenses, the three cases
-    and every detector in both settings (unseen prompts; all prompts of mixed facts)."""
-    set_seed(seed)
-    rng = np.random.default_rng(seed)
-    if facts is None:
-        facts = make_kb(cfg.n_subjects, cfg.n_relations, cfg.n_objects, cfg.zipf, rng)
-    prompts = build_prompts(facts, cfg.template_train, rng)
-    tokens, answers, vocab = tokenize(prompts)
-    fact_id = torch.tensor([p["fact"] for p in prompts])  # (N,)
-    template = torch.tensor([p["template"] for p in prompts])  # (N,)
-    is_train = torch.tensor([p["train"] for p in prompts])  # (N,)
-    is_fact = fact_id >= 0  # (N,)
-    model = TinyLM(len(vocab), tokens.shape[1], cfg.d_model, cfg.n_layers, cfg.n_heads).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"seed {seed}: {len(facts)} facts, {len(prompts)} prompts ({int(is_train.sum())} "
-        f"trained), vocab {len(vocab)}, prompt length {tokens.shape[1]}, "
-        f"{n_params / 1e6:.2f}M parameters")
-    history = []
-
-    def on_log():  # the share of mixed facts along training, to show where it settles
-        H_last = all_hiddens(model, tokens, device)[:, -1:]  # (N, 1, d)
-        unembed = model.head.weight.detach()
-        right = read_lens(H_last, model.ln_f, unembed, answers).out == answers
-        stats = knowledge_stats(fact_table(fact_id, template, right, len(facts), len(TEMPLATES)))
-        acc_train = float(right[is_train & is_fact].float().mean())
-        history.append({"mixed_share": round(stats["mixed_share"], 4),
-                        "acc_train": round(acc_train, 4)})
-        return history[-1]
-
-    train(model, tokens, answers, is_train.nonzero()[:, 0], cfg, seed, device, on_log)
-
-    # both lenses at the end of training; the tuned lens is fitted on the trained fact prompts
-    H = all_hiddens(model, tokens, device)  # (N, P, d)
-    unembed = model.head.weight.detach()  # (V, d)
-    logit = read_lens(H, model.ln_f, unembed, answers)
-    tuned = read_lens(tuned_lens_hiddens(H, is_train & is_fact), model.ln_f, unembed, answers,
-                      out=logit.out)
-    correct = logit.out == answers  # (N,)
-    table = fact_table(fact_id, template, correct, len(facts), len(TEMPLATES))
-    row = fact_id.clamp(min=0)  # (N,): the prompt's fact (links read fact 0 and are masked out)
-    known = is_fact & table.any(1)[row]  # (N,)
-    mixed = known & ~table.all(1)[row]  # (N,)
-    settings = {"unseen_prompts": known & ~is_train, "all_prompts": mixed}
-
-    # the detectors: 1 = hallucination; folds by subject, so no subject is on both sides
-    y = (~correct).long()  # (N,)
-    features = detector_features(logit, tuned, template.clamp(min=0), len(TEMPLATES))
-    folds = grouped_folds([p["subject"] for p in prompts], cfg.n_folds,
-                          torch.Generator().manual_seed(seed))
-    detector = {}
-    cases = {}
-    for name, mask in settings.items():
-        cases[name] = case_curves(logit, tuned, correct, mask)
-        if not enough_of_each_class(y[mask], cfg.n_folds):
-            detector[name] = None
-            log(f"seed {seed}, {name}: fewer than {cfg.n_folds} prompts of a class; no detector")
-            continue
-        subset = {k: v[mask] for k, v in features.items()}
-        detector[name] = evaluate_detectors(subset, y[mask], folds[mask], template[mask])
-
-    def accuracy(rows):
-        return float(correct[rows].float().mean()) if rows.any() else None
-
-    by_template = {}
-    for t, text in enumerate(TEMPLATES):
-        rows = is_fact & (template == t)
-        by_template[text] = {"trained": accuracy(rows & is_train),
-                             "held_out": accuracy(rows & ~is_train)}
-    knowledge = {**{k: round(v, 4) for k, v in knowledge_stats(table).items()},
-                 "by_template": by_template, "link_accuracy": accuracy(~is_fact),
-                 "during_training": history}
-    return {"seed": seed, "n_params": n_params, "knowledge": knowledge, "cases": cases,
-            "detector": detector}
+def mean_case(runs):
+    """One case's curves and top-1 rate: the mean over the seeds in runs (those that have the
+    case); n summed."""
+    if not runs:
+        return {"n": 0, "logit_curve": None, "tuned_curve": None, "top1_rate": None}
+    return {"n": sum(r["n"] for r in runs),
+            "logit_curve": np.mean([r["logit_curve"] for r in runs], 0).round(4).tolist(),
+            "tuned_curve": np.mean([r["tuned_curve"] for r in runs], 0).round(4).tolist(),
+            "top1_rate": seed_stat([r["top1_rate"] for r in runs], np.mean)}
 
 
-def summarize(per_seed):
-    """Means over seeds (the std and the worst seed beside them) of the detector numbers and of
-    the case curves, and the verdict on the curve."""
-    detector = {}
-    for name in ("unseen_prompts", "all_prompts"):
-        runs = [s["detector"][name] for s in per_seed if s["detector"][name] is not None]
-        if not runs:
-            detector[name] = None
-            continue
-        detector[name] = {**seed_stat(runs, np.mean), "std": seed_stat(runs, np.std),
-                          "worst": seed_stat(runs, np.min), "per_seed": runs}
+def summarize_cases(per_seed):
+    """The case curves and top-1 rates, means over the seeds that have the case."""
     cases = {}
     for name in ("unseen_prompts", "all_prompts"):
         cases[name] = {}
         for case in ("success", "fail", "hallucination"):
             runs = [s["cases"][name][case] for s in per_seed if s["cases"][name][case]["n"]]
-            curves = {k: np.mean([r[k] for r in runs], 0).round(4).tolist() if runs else None
-                      for k in ("logit_curve", "tuned_curve")}
-            top1 = seed_stat([r["top1_rate"] for r in runs], np.mean) if runs else None
-            n = sum(r["n"] for r in runs)
-            cases[name][case] = {"n": n, **curves, "top1_rate": top1}
-    unseen = detector["unseen_prompts"]
-    verdict = unseen is not None and curve_adds_information(unseen["per_seed"])
+            cases[name][case] = mean_case(runs)
+    return cases
+
+
+def summarize(per_seed):
+    """Means over seeds (the std and the worst seed beside them) of the detector numbers and of
+    the case curves, the arms table, and the verdict on the curve."""
+    detector = {}
+    for name in ("unseen_prompts", "all_prompts"):
+        runs = [s["detector"][name] for s in per_seed if s["detector"][name] is not None]
+        detector[name] = None
+        if runs:
+            detector[name] = {**seed_stat(runs, np.mean), "std": seed_stat(runs, np.std),
+                              "worst": seed_stat(runs, np.min), "per_seed": runs}
     arms = {}
     for arm in DETECTORS:
         arms[arm] = {}
         for name, d in detector.items():
             if d is not None:
                 arms[arm][name] = {"mean": d[arm], "std": d["std"][arm], "worst": d["worst"][arm]}
-    return detector, cases, arms, verdict
+    unseen = detector["unseen_prompts"]
+    verdict = unseen is not None and curve_adds_information(unseen["per_seed"])
+    return {"arms": arms, "detector": detector, "curve_adds_information": verdict,
+            "cases": summarize_cases(per_seed)}
 
 
-def print_table(results):
-    points = results["points"]
-    for s in results["per_seed_knowledge"]:
-        parts = []
-        for t, v in enumerate(s["by_template"].values()):
-            held_out = "-" if v["held_out"] is None else f"{v['held_out']:.3f}"
-            parts.append(f"t{t} {v['trained']:.3f}/{held_out}")
-        by_template = " | ".join(parts)
-        log(f"seed {s['seed']}: facts mixed {s['mixed_share']:.3f}, all right "
-            f"{s['all_right_share']:.3f}, all wrong {s['all_wrong_share']:.3f}; accuracy "
-            f"trained/held-out by template: {by_template}")
-    for name, cases in results["cases"].items():
-        log(f"\n{name}: mean probability of the token, logit lens | tuned lens (mean of seeds)")
-        log(f"{'case':<15}{'n':>6}{'top1':>6} " + "".join(f"{p:>7}" for p in points))
-        for case, c in cases.items():
-            if c["logit_curve"] is None:
-                continue
-            row = "".join(f"{v:>7.3f}" for v in c["logit_curve"])
-            log(f"{case:<15}{c['n']:>6}{c['top1_rate']:>6.2f} {row}")
-            row = "".join(f"{v:>7.3f}" for v in c["tuned_curve"])
-            log(f"{'  tuned':<27} {row}")
-    log("\ndetector: balanced accuracy, subject-grouped "
-        f"{results['config']['n_folds']}-fold, mean ± std (worst seed), "
-        f"{len(results['seeds'])} seeds")
-    log(f"{'arm':<22}{'unseen prompts':>24}{'all prompts':>24}")
-    for arm, by_setting in results["arms"].items():
-        cells = []
-        for name in ("unseen_prompts", "all_prompts"):
-            a = by_setting.get(name)
-            cells.append(f"{a['mean']:.3f} ± {a['std']:.3f} ({a['worst']:.3f})" if a else "-")
-        log(f"{arm:<22}{cells[0]:>24}{cells[1]:>24}")
-    for name, d in results["detector"].items():
-        if d is None:
-            continue
-        log(f"{name}: n {d['n_samples']:.0f} ({d['n_hallucinations']:.0f} hallucinated), "
-            f"confident hallucinations (p >= 0.5) {d['confident_hallucination_share']:.3f}; "
-            f"AUROC in p-bins: curve {d['within_bin_auroc']['curve']}, final p "
-            f"{d['within_bin_auroc']['final_prob']}; in p-bin x template cells: curve "
-            f"{d['within_bin_template_auroc']['curve']}, final p "
-            f"{d['within_bin_template_auroc']['final_prob']}")
-    log(f"curve adds information beyond template and final probability: "
-        f"{results['curve_adds_information']}")
-
-
-def plot(results, path):
+def make_figure(results):
     """The paper's picture: mean curves of success / fail / hallucination through the logit and
     the tuned lens (unseen prompts, mean of seeds), and the detectors' balanced accuracy."""
-    fig, axes = new_figure(3, width=4.4, height=3.4)
+    fig = Figure(figsize=(4.6 * 3, 3.6))
+    axes = fig.subplots(1, 3, squeeze=False)[0]
     points = results["points"]
     colors = {"success": "tab:green", "fail": "tab:gray", "hallucination": "tab:red"}
     cases = results["cases"]["unseen_prompts"]
@@ -957,44 +987,204 @@ def plot(results, path):
     axes[2].set_xlabel("detector balanced accuracy (grouped CV, mean ± std of seeds)")
     axes[2].legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     fig.subplots_adjust(wspace=0.6)
-    save_figure(fig, path)
+    return fig
 
 
-# --- main ---
+def fmt(value, digits=3):
+    """A number for the record; '-' where there is none."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def signed(values):
+    """Per-seed differences: '+0.001, -0.004'."""
+    return ", ".join(f"{v:+.3f}" for v in values)
+
+
+def report_knowledge(results):
+    """The gate: trained prompts are right, held-out phrasings much less, so phrasing decides."""
+    lines = ["## Gate: what the model knows, by template (trained / held-out accuracy)", "",
+             "| seed | mixed facts | all right | all wrong | alias links | "
+             + " | ".join(f"t{t}" for t in range(len(TEMPLATES))) + " |",
+             "|---" * (5 + len(TEMPLATES)) + "|"]
+    trained = []
+    held_out = []
+    for k in results["per_seed_knowledge"]:
+        cells = [f"{fmt(v['trained'])} / {fmt(v['held_out'])}" for v in k["by_template"].values()]
+        trained += [v["trained"] for v in k["by_template"].values() if v["trained"] is not None]
+        held_out += [v["held_out"] for v in k["by_template"].values() if v["held_out"] is not None]
+        lines.append(f"| {k['seed']} | {fmt(k['mixed_share'])} | {fmt(k['all_right_share'])} | "
+                     f"{fmt(k['all_wrong_share'])} | {fmt(k['link_accuracy'])} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Templates: " + "; ".join(f"t{t} `{text}`" for t, text in enumerate(TEMPLATES)),
+              ""]
+    if not held_out:
+        return "\n".join(lines + ["Gate: no held-out prompt, so phrasing cannot be tested."])
+    passed = min(trained) >= 0.95 and max(held_out) <= min(trained) - 0.1
+    lines.append(f"Gate: trained prompts right {fmt(min(trained))} or more (worst template and "
+                 f"seed), held-out phrasings {fmt(min(held_out))}-{fmt(max(held_out))}: "
+                 + ("passed, the model knows its facts and phrasing decides whether it says them."
+                    if passed else "failed (trained < 0.95 or held-out within 0.1 of it)."))
+    return "\n".join(lines)
+
+
+def report_cases(results):
+    """The paper's three cases: mean probability of the token at every point, both lenses."""
+    paper = results["paper"]
+    lines = []
+    for name, cases in results["cases"].items():
+        lines += [f"## Lens curves, {name.replace('_', ' ')}: mean probability of the token "
+                  "(mean of seeds)", "",
+                  "| case | lens | n | top-1 early | " + " | ".join(results["points"]) + " |",
+                  "|---" * (4 + len(results["points"])) + "|"]
+        for case, c in cases.items():
+            for lens in ("logit", "tuned"):
+                curve = c[f"{lens}_curve"]
+                cells = " | ".join(fmt(v, 2) for v in curve) if curve else "-"
+                lines.append(f"| {case} | {lens} | {c['n']} | {fmt(c['top1_rate'], 2)} | "
+                             f"{cells} |")
+        success = cases["success"]["top1_rate"]
+        fail = cases["fail"]["top1_rate"]
+        lines.append("")
+        if success is not None and fail is not None:
+            agrees = success > fail + 0.1
+            lines += [f"Top-1 at an intermediate point: success {success:.2f} vs fail {fail:.2f} "
+                      f"(paper {paper['top1_success']} vs {paper['top1_fail']}): "
+                      + ("the lens separates right from wrong answers as the paper reports."
+                         if agrees else "no clear separation, unlike the paper."), ""]
+    return "\n".join(lines).rstrip()
+
+
+def report_detectors(results):
+    """The detector table: every arm in both settings, mean ± std [worst seed]."""
+    n_seeds = len(results["seeds"])
+    lines = [f"## Detectors: balanced accuracy, subject-grouped {results['config']['n_folds']}-"
+             f"fold, mean ± std [worst] of {n_seeds} seeds", "",
+             "| arm | unseen prompts | all prompts (mixed facts) |", "|---|---|---|"]
+    for arm, by_setting in results["arms"].items():
+        cells = []
+        for name in ("unseen_prompts", "all_prompts"):
+            s = by_setting.get(name)
+            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} [{s['worst']:.3f}]" if s else "-")
+        lines.append(f"| {arm} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"Headline detector (fixed before the run): {HEADLINE}. Controls: the final-"
+              "probability and entropy thresholds, the template alone and with the final "
+              "probability, on the same folds. Ceiling: balanced accuracy 1.0; chance 0.5.", ""]
+    for name, d in results["detector"].items():
+        if d is None:
+            lines += [f"{name}: no detector (too few prompts of a class).", ""]
+            continue
+        runs = d["per_seed"]
+        bins = d["within_bin_auroc"]
+        cells = d["within_bin_template_auroc"]
+        lines += [f"**{name}**: {d['n_samples']:.0f} prompts per seed, "
+                  f"{d['n_hallucinations']:.0f} wrong (mean)",
+                  f"- curve - best threshold, per seed: "
+                  f"{signed([r['curve_minus_best_baseline'] for r in runs])}",
+                  f"- template + curve - template + final p, per seed: "
+                  f"{signed([r['template_curve_gain'] for r in runs])}",
+                  f"- AUROC inside final-p bins: curve {fmt(bins['curve'])}, final p "
+                  f"{fmt(bins['final_prob'])}; inside bin x template cells: curve "
+                  f"{fmt(cells['curve'])}, final p {fmt(cells['final_prob'])}",
+                  f"- confident hallucinations (final p >= 0.5): "
+                  f"{fmt(d['confident_hallucination_share'])}", ""]
+    return "\n".join(lines).rstrip()
+
+
+def report_verdicts(results):
+    """The verdict lines, each computed from the numbers of the record."""
+    lines = ["## Verdicts (computed from the numbers above)", ""]
+    unseen = results["detector"]["unseen_prompts"]
+    if unseen is None:
+        return "\n".join(lines + ["- No detector on unseen prompts: no verdict."])
+    runs = unseen["per_seed"]
+    worst = min(r["curve"] for r in runs)
+    lines.append(f"- Curve detector vs chance (unseen prompts): worst seed {worst:.3f}: "
+                 + ("above chance (0.5) clearly (>= 0.55 in every seed)." if worst >= 0.55
+                    else "not clearly above chance (< 0.55 in some seed)."))
+    margins = [r["curve_minus_best_baseline"] for r in runs]
+    n_ahead = sum(m > 0 for m in margins)
+    lines.append(f"- Curve detector vs the better of the final-probability and entropy "
+                 f"thresholds: ahead in {n_ahead} of {len(runs)} seeds ({signed(margins)}): "
+                 + ("the curve beats the final probability (>= +0.02 in every seed)."
+                    if min(margins) >= GAIN_MIN else
+                    "no clear gain over the final probability (not +0.02 in every seed)."))
+    gains = [r["template_curve_gain"] for r in runs]
+    n_gain = sum(g >= GAIN_MIN for g in gains)
+    lines.append(f"- Template + curve vs template + final probability: {signed(gains)}: "
+                 f">= +{GAIN_MIN} in {n_gain} of {len(runs)} seeds.")
+    cells = unseen["within_bin_template_auroc"]  # the means over seeds, as in the rule
+    bins = unseen["within_bin_auroc"]
+    if cells["curve"] is not None and cells["final_prob"] is not None:
+        lines.append(f"- AUROC inside final-p bins: curve {fmt(bins['curve'])} vs final p "
+                     f"{fmt(bins['final_prob'])}; inside bin x template cells: curve "
+                     f"{cells['curve']:.3f} vs final p {cells['final_prob']:.3f}: "
+                     + ("the curve ranks better than the final probability there."
+                        if cells["curve"] > cells["final_prob"] else
+                        "the curve ranks no better than the final probability there."))
+    verdict = curve_adds_information(runs)
+    lines.append(f"- **curve_adds_information: {str(verdict).lower()}** (rule fixed before the "
+                 f"run: template + curve >= template + final p + {GAIN_MIN} in every seed, and "
+                 f"the curve's AUROC in bin x template cells >= {CELL_AUROC_MIN} and above the "
+                 "final probability's): "
+                 + ("the curve holds information beyond phrasing and confidence." if verdict else
+                    "in this toy the curve adds nothing beyond phrasing and confidence, a "
+                    "comparison the paper, which ran no baseline, did not make."))
+    lines.append(f"- Confident hallucinations (final p >= 0.5) on unseen prompts: "
+                 f"{fmt(unseen['confident_hallucination_share'])} of the wrong answers.")
+    everything = results["detector"]["all_prompts"]
+    if everything is not None:
+        paper = results["paper"]
+        lines.append(f"- All prompts of mixed facts (the paper's setting, trained prompts "
+                     f"included): curve detector {everything['curve']:.3f} vs "
+                     f"{unseen['curve']:.3f} on unseen prompts (paper "
+                     f"{paper['detector_accuracy_logit']}-{paper['detector_accuracy_both']}); "
+                     f"final-probability threshold {everything['final_prob']:.3f} there.")
+    return "\n".join(lines)
+
+
+def render_report(results):
+    """The markdown record of one run (results.md), from its results.json alone."""
+    cfg = results["config"]
+    seeds = ", ".join(str(s) for s in results["seeds"])
+    header = [f"# hallucination_lens: known-fact hallucinations through the lens curves "
+              "([arXiv 2403.20009](https://arxiv.org/abs/2403.20009))", "",
+              f"Seeds {seeds} (one knowledge-base split and one model each), {cfg['steps']} "
+              f"steps, {cfg['n_layer']} blocks of width {cfg['n_embd']}, "
+              f"{results['n_params'] / 1e6:.2f}M parameters; {cfg['n_subjects']} subjects x "
+              f"{cfg['n_relations']} relations x {len(TEMPLATES)} templates. Wall "
+              f"{results['wall_s']:.0f} s, jobs {results['cpu_s']:.0f} CPU-s.", "",
+              "![lens curves by outcome and detector accuracy](hallucination_lens.png)"]
+    sections = ["\n".join(header), report_knowledge(results), report_cases(results),
+                report_detectors(results), report_verdicts(results)]
+    return "\n\n".join(sections) + "\n"
 
 
 def run(cfg):
+    """Every seed as a job on the workers, then the summary, the record and the figure."""
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 150), n_seeds=min(cfg.n_seeds, 2),
                                   n_subjects=min(cfg.n_subjects, 24),
-                                  n_relations=min(cfg.n_relations, 2), n_layers=2, d_model=32,
-                                  n_heads=2, batch_size=64, n_folds=2, log_every=75)
+                                  n_relations=min(cfg.n_relations, 2), n_layer=2, n_embd=32,
+                                  n_head=2, batch_size=64, n_folds=2, log_every=75)
     device = pick_device(cfg.device)
-    wall_start = time.time()
-    cpu_start = time.process_time()
-    log(f"config: {dataclasses.asdict(cfg)}")
-    facts = None
-    if cfg.data:
-        rows = load_user_data(cfg.data, ["subject", "relation", "object"])
-        columns = ("subject", "relation", "object")
-        facts = [{k: str(r[k]).strip().replace(" ", "_") for k in columns} for r in rows]
+    start = time.time()
+    print(f"config: {dataclasses.asdict(cfg)}")
+    facts = user_facts(cfg.data) if cfg.data else None
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_seeds))
-    per_seed = [run_seed(cfg, seed, facts, device) for seed in seeds]
-    detector, cases, arms, verdict = summarize(per_seed)
-    n_layers = cfg.n_layers
-    points = ["emb"] + [f"{k}{i + 1}" for i in range(n_layers) for k in ("attn", "mlp")]
-    knowledge = [{"seed": s["seed"], **s["knowledge"]} for s in per_seed]
+    jobs = [SeedJob(cfg, seed, facts, str(device)) for seed in seeds]
+    per_seed = run_jobs(run_seed, jobs, cfg.workers, device)
+    points = ["emb"]  # the lenses' read points: the embedding, then each sub-layer
+    for i in range(cfg.n_layer):
+        points += [f"attn{i + 1}", f"mlp{i + 1}"]
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "points": points,
-               "n_params": per_seed[0]["n_params"], "arms": arms, "detector": detector,
-               "curve_adds_information": verdict, "cases": cases,
-               "per_seed_knowledge": knowledge,
-               "wall_time_s": time.time() - wall_start,
-               "cpu_time_s": time.process_time() - cpu_start}
-    print_table(results)
-    save_json(os.path.join(cfg.out, "results.json"), results)
-    plot(results, os.path.join(cfg.out, "hallucination_lens.png"))
-    log(f"wrote {cfg.out}/results.json and hallucination_lens.png "
-        f"({time.process_time() - cpu_start:.0f}s CPU)")
+               "n_params": per_seed[0]["n_params"], **summarize(per_seed),
+               "per_seed_knowledge": [{"seed": s["seed"], **s["knowledge"]} for s in per_seed],
+               "paper": PAPER, "wall_s": time.time() - start,
+               "cpu_s": sum(s["cpu_s"] for s in per_seed),
+               "seed_cpu_s": [s["cpu_s"] for s in per_seed]}
+    write_record(cfg.out, "hallucination_lens", results, make_figure(results))
+    print(render_report(results))
+    print(f"wrote {cfg.out}/results.json, results.md and hallucination_lens.png")
     return results
 
 
@@ -1002,95 +1192,56 @@ def main(argv=None):
     return run_cli(Config, run, argv)
 
 
-# --- boilerplate: CLI, seeds, device, logs, files, figures (same in every script; skip it) ---
+# --- boilerplate: CLI, seeds, device, workers, logs, files (the same helpers in every script) ---
 
 
 class BadInput(Exception):
-    """A user error (bad flag, value or file): one line on stderr, exit status 2."""
-
+    """A user error (a flag, a value, a file): one line on stderr, exit status 2."""
+    status = 2
 
 class NonFinite(Exception):
     """A loss term turned NaN or inf: the step and the term on stderr, exit status 1."""
-
+    status = 1
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the usage and exit 2; we want one line
+    def error(self, message):  # argparse prints the usage and exits 2; we want one line
         raise BadInput(message)
-
 
 def parse_config(cls, argv=None):
     """argparse from the dataclass: `foo_bar: int = 3  # text` becomes `--foo-bar 3`, help text."""
-    source = inspect.getsource(cls)
-    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, re.M))
-    parser = _Parser(description=(cls.__doc__ or "").strip(),
+    helps = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+    parser = _Parser(description=cls.__doc__,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
         text = helps.get(field.name, "").replace("%", "%%")  # argparse %-formats help text
-        if field.type is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, default=field.default, help=text)
-        else:
-            metavar = field.type.__name__.upper()
-            parser.add_argument(flag, type=field.type, default=field.default, help=text,
-                                metavar=metavar)
+        kind = {"type": field.type} if field.type is not bool else {
+            "action": argparse.BooleanOptionalAction}
+        parser.add_argument("--" + field.name.replace("_", "-"), default=field.default, help=text,
+                            **kind)
     cfg = cls(**vars(parser.parse_args(argv)))
-    devices = ("auto", "cpu", "cuda", "mps")
-    require(cfg.device in devices, f"--device {cfg.device}: choose one of {', '.join(devices)}")
     require(cfg.steps > 0, f"--steps {cfg.steps}: must be a positive number of steps")
     require(not cfg.data or os.path.isfile(cfg.data), f"--data {cfg.data}: no such file")
     return cfg
-
 
 def require(condition, message):
     if not condition:
         raise BadInput(message)
 
-
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
 def pick_device(name):
     """auto: cuda, then mps, then cpu."""
-    has_mps = torch.backends.mps.is_available()
+    found = {"cpu": True, "cuda": torch.cuda.is_available(),
+             "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here")
-    require(name != "mps" or has_mps, "--device mps: no MPS device here")
+        name = "cuda" if found["cuda"] else "mps" if found["mps"] else "cpu"
+    require(found.get(name), f"--device {name}: not available here (auto, cpu, cuda or mps)")
     return torch.device(name)
-
-
-def autocast(device):
-    """bf16 autocast on a CUDA device that supports it; fp32 everywhere else."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cosine_lr(step, total, lr, warmup):
-    """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
-    # 1) linear warm-up from lr / warmup to lr
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    # 2) cosine decay from lr (progress 0) to lr / 10 (progress 1)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lr / 10)
-
-
-def log(message):
-    print(message, flush=True)
-
 
 def log_progress(step, total, start_time, **metrics):
     """One line: step, the metrics given (loss terms, reward, throughput), elapsed time and ETA."""
     elapsed = time.time() - start_time
-    eta = elapsed / step * (total - step)
     parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
-    log(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
-
+    eta = elapsed / step * (total - step)
+    print(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
 
 def check_finite(step, **terms):
     """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
@@ -1098,65 +1249,60 @@ def check_finite(step, **terms):
         if not math.isfinite(float(value)):
             raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
 
-
 def load_user_data(path, columns):
-    """A JSON-lines file as a datasets.Dataset; a bad file is one BadInput line (file, line)."""
-    n_rows = 0
+    """A JSON-lines file as a datasets.Dataset; a bad row is one BadInput line (file, line)."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"--data {path}, line {line_no}"
             try:
-                row = json.loads(line)
+                row = json.loads(line) if line.strip() else dict.fromkeys(columns)  # blank: skip
             except json.JSONDecodeError as e:
-                raise BadInput(f"{where}: not valid JSON ({e.msg})")
-            for column in columns:
-                require(isinstance(row, dict) and column in row, f"{where}: no column '{column}'")
-            n_rows += 1
-    require(n_rows > 0, f"--data {path}: no rows")
+                raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
+            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+            require(not missing, f"--data {path}, line {line_no}: no column {missing[:1]}")
     datasets.disable_progress_bars()
     return datasets.load_dataset("json", data_files=path, split="train")
 
+def run_jobs(fn, jobs, workers, device):
+    """[fn(job) for job in jobs] on `workers` one-thread processes (0: one per core; 1 on a GPU)."""
+    workers = 1 if device.type != "cpu" else min(workers or os.cpu_count(), len(jobs))
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    start = time.time()
+    results = []
+    with contextlib.ExitStack() as stack:
+        finished = map(fn, jobs)
+        if workers > 1:
+            pool = stack.enter_context(context.Pool(workers, torch.set_num_threads, (1,)))
+            finished = pool.imap(fn, jobs)
+        for result in finished:
+            results.append(result)
+            elapsed = time.time() - start
+            eta = elapsed / len(results) * (len(jobs) - len(results))
+            print(f"job {len(results)}/{len(jobs)} done | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+    return results
 
-def save_json(path, obj):
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def new_figure(n_panels, width=4.6, height=3.6):
-    """A row of matplotlib axes on the Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, n_panels, figsize=(width * n_panels, height), squeeze=False)
-    return fig, list(axes[0])
-
-
-def save_figure(fig, path):
-    """Write a PNG atomically (temp file, then os.replace) and close the figure."""
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
+def write_record(out, name, results, fig):
+    """results.json, results.md (render_report of the JSON read back) and NAME.png, each atomic."""
+    os.makedirs(out, exist_ok=True)
+    text = json.dumps(results, indent=2)
+    report = render_report(json.loads(text))
+    for filename, content in [("results.json", text), ("results.md", report)]:
+        tmp = os.path.join(out, f".{filename}.tmp{os.getpid()}")  # a temp file, then os.replace
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, os.path.join(out, filename))
+    tmp = os.path.join(out, f".{name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
+    os.replace(tmp, os.path.join(out, f"{name}.png"))
 
 def run_cli(cls, run, argv=None):
-    """Parse argv into a Config and call run(cfg); a user error exits 2, a non-finite loss 1."""
+    """run(Config from argv) on one thread, so the numbers never depend on the core count."""
+    torch.set_num_threads(1)
+    sys.stdout.reconfigure(line_buffering=True)  # each log line shows as it is printed
     try:
         return run(parse_config(cls, argv))
-    except BadInput as e:
+    except (BadInput, NonFinite) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFinite as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.status)
 
 
 if __name__ == "__main__":

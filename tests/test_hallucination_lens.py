@@ -280,8 +280,10 @@ def test_grouped_folds_keep_each_subject_in_one_fold():
     for s in set(groups):
         assert len({int(f) for f, g in zip(folds, groups) if g == s}) == 1
     # 10 subjects over 5 folds: 2 subjects per fold
-    per_fold = [len({g for f, g in zip(folds.tolist(), groups) if f == k}) for k in range(5)]
-    assert per_fold == [2] * 5
+    subjects_in_fold = {}
+    for f, g in zip(folds.tolist(), groups):
+        subjects_in_fold.setdefault(f, set()).add(g)
+    assert sorted(len(subjects_in_fold[k]) for k in range(5)) == [2] * 5
 
 
 def test_grouped_cross_validation_cannot_memorize_subjects():
@@ -531,7 +533,6 @@ def test_all_hiddens_and_read_lens_match_the_model():
     answers = torch.tensor([1, 2, 3, 4, 5])
     H = hl.all_hiddens(model, tokens, torch.device("cpu"), batch=2)
     assert model.training  # restored
-    assert hl.all_hiddens(tiny_model().double(), tokens, torch.device("cpu")).dtype == torch.float32
     with torch.no_grad():
         assert_close(H, model.eval().hiddens(tokens))
         probs = hl.logit_lens(H, model.ln_f, model.head.weight)
@@ -555,8 +556,8 @@ def test_hiddens_are_the_residuals_of_a_plain_forward():
         x = model.tok(tokens) + model.pos(torch.arange(5))
         expected = [x[:, -1]]
         for block in model.blocks:
-            h = x + block.proj(attention(block, block.ln1(x)))
-            x = h + block.mlp(block.ln2(h))
+            h = x + block.c_proj(attention(block, block.ln_1(x)))
+            x = h + block.mlp(block.ln_2(h))
             expected += [h[:, -1], x[:, -1]]
         assert_close(H, torch.stack(expected, 1))
         assert_close(model(tokens), model.head(model.ln_f(x[:, -1])))
@@ -564,15 +565,15 @@ def test_hiddens_are_the_residuals_of_a_plain_forward():
 
 def attention(block, x):
     """Causal multi-head attention written out with an explicit mask."""
-    B, T, C = x.shape
-    q, k, v = block.qkv(x).split(C, dim=2)
-    hs = C // block.n_heads
-    q = q.view(B, T, block.n_heads, hs).transpose(1, 2)
-    k = k.view(B, T, block.n_heads, hs).transpose(1, 2)
-    v = v.view(B, T, block.n_heads, hs).transpose(1, 2)
+    B, T, D = x.shape
+    q, k, v = block.c_attn(x).split(D, dim=2)
+    hs = D // block.n_head
+    q = q.view(B, T, block.n_head, hs).transpose(1, 2)
+    k = k.view(B, T, block.n_head, hs).transpose(1, 2)
+    v = v.view(B, T, block.n_head, hs).transpose(1, 2)
     att = q @ k.transpose(-1, -2) / math.sqrt(hs)
     att = att.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
-    return (att @ v).transpose(1, 2).reshape(B, T, C)
+    return (att @ v).transpose(1, 2).reshape(B, T, D)
 
 
 def test_first_step_moves_each_weight_by_the_peak_lr():
@@ -605,13 +606,17 @@ def test_training_fits_the_trained_prompts():
     assert len(calls) == 2  # steps 30 and 60
 
 
-# --- the whole run ---
+# --- the whole run and its record ---
 
 
-def fake_seed(value, gain, with_all=False):
+def fake_seed(value, gain, margin=0.01, with_all=False):
+    """One seed's record by hand: every arm scores `value`; template + curve gains `gain` over
+    template + final p; the curve's cell AUROC 0.6 vs the final probability's value - 0.2."""
     det = {arm: value for arm in hl.DETECTORS}
-    det.update(template_curve_gain=gain,
-               within_bin_template_auroc={"curve": 0.6, "final_prob": value - 0.2})
+    det.update(curve=value, curve_minus_best_baseline=margin, template_curve_gain=gain,
+               within_bin_auroc={"curve": 0.7, "final_prob": 0.5},
+               within_bin_template_auroc={"curve": 0.6, "final_prob": value - 0.2},
+               confident_hallucination_share=0.75, n_samples=100, n_hallucinations=40)
     case = {"n": 3, "logit_curve": [value, 1 / 3], "tuned_curve": [value, 0.5], "top1_rate": value}
     empty = {"n": 0, "logit_curve": None, "tuned_curve": None, "top1_rate": None}
     cases = {"success": case, "fail": empty if value < 0.7 else case, "hallucination": case}
@@ -621,42 +626,118 @@ def fake_seed(value, gain, with_all=False):
 
 def test_summarize_means_over_seeds():
     per_seed = [fake_seed(0.6, 0.03), fake_seed(0.8, 0.05)]
-    detector, cases, arms, verdict = hl.summarize(per_seed)
-    unseen = detector["unseen_prompts"]
+    summary = hl.summarize(per_seed)
+    unseen = summary["detector"]["unseen_prompts"]
     assert unseen["curve_logit_logreg"] == 0.7
     assert unseen["std"]["curve_logit_logreg"] == 0.1
     assert unseen["worst"]["curve_logit_logreg"] == 0.6
     assert unseen["per_seed"] == [s["detector"]["unseen_prompts"] for s in per_seed]
-    assert detector["all_prompts"] is None
-    assert arms["final_prob"] == {"unseen_prompts": {"mean": 0.7, "std": 0.1, "worst": 0.6}}
-    success = cases["unseen_prompts"]["success"]
+    assert summary["detector"]["all_prompts"] is None
+    assert summary["arms"]["final_prob"] == {"unseen_prompts": {"mean": 0.7, "std": 0.1,
+                                                                "worst": 0.6}}
+    success = summary["cases"]["unseen_prompts"]["success"]
     assert success == {"n": 6, "logit_curve": [0.7, 0.3333], "tuned_curve": [0.7, 0.5],
                        "top1_rate": 0.7}
     # a seed without failures does not drag the mean: only the 0.8 seed has them
-    assert cases["unseen_prompts"]["fail"]["logit_curve"] == [0.8, 0.3333]
-    assert cases["unseen_prompts"]["fail"]["n"] == 3
+    assert summary["cases"]["unseen_prompts"]["fail"]["logit_curve"] == [0.8, 0.3333]
+    assert summary["cases"]["unseen_prompts"]["fail"]["n"] == 3
     # within-cell AUROC: curve 0.6 vs final p 0.5 on average, gains >= 0.02 in both seeds
-    assert verdict is True
-    _, _, _, verdict = hl.summarize([fake_seed(0.6, 0.03), fake_seed(0.8, 0.01)])
-    assert verdict is False
-    both = [fake_seed(0.6, 0.03, True), fake_seed(0.8, 0.05, True)]
-    detector, _, arms, _ = hl.summarize(both)
-    assert detector["all_prompts"]["entropy"] == 0.7
-    assert arms["entropy"]["all_prompts"]["worst"] == 0.6
+    assert summary["curve_adds_information"] is True
+    one_low = hl.summarize([fake_seed(0.6, 0.03), fake_seed(0.8, 0.01)])
+    assert one_low["curve_adds_information"] is False
+    both = [fake_seed(0.6, 0.03, with_all=True), fake_seed(0.8, 0.05, with_all=True)]
+    summary = hl.summarize(both)
+    assert summary["detector"]["all_prompts"]["entropy"] == 0.7
+    assert summary["arms"]["entropy"]["all_prompts"]["worst"] == 0.6
     no_unseen = [{**s, "detector": {"unseen_prompts": None, "all_prompts": None}} for s in both]
-    detector, _, arms, verdict = hl.summarize(no_unseen)
-    assert detector == {"unseen_prompts": None, "all_prompts": None}
-    assert verdict is False and arms["entropy"] == {}
+    summary = hl.summarize(no_unseen)
+    assert summary["detector"] == {"unseen_prompts": None, "all_prompts": None}
+    assert summary["curve_adds_information"] is False and summary["arms"]["entropy"] == {}
 
 
-def test_smoke_writes_results(tmp_path):
-    res = hl.main(["--smoke", "--out", str(tmp_path)])
+def fake_results(per_seed, trained=1.0, held_out=0.4):
+    """A results dict as run() builds it, from hand-built seeds and knowledge."""
+    cfg = hl.Config()
+    by_template = {t: {"trained": trained, "held_out": held_out} for t in hl.TEMPLATES}
+    by_template[hl.TEMPLATES[0]]["held_out"] = None  # template 0 is always trained
+    knowledge = [{"seed": i, "mixed_share": 0.5, "all_right_share": 0.25, "all_wrong_share": 0.25,
+                  "link_accuracy": 1.0, "by_template": by_template, "during_training": []}
+                 for i in range(len(per_seed))]
+    return {"config": vars(cfg), "seeds": list(range(len(per_seed))), "points": ["emb", "mlp1"],
+            "n_params": 1000, **hl.summarize(per_seed), "per_seed_knowledge": knowledge,
+            "paper": hl.PAPER, "wall_s": 12.0, "cpu_s": 20.0, "seed_cpu_s": [10.0, 10.0]}
+
+
+def verdict_line(report, start):
+    return next(line for line in report.splitlines() if line.startswith(start))
+
+
+def test_render_report_tables_follow_the_numbers():
+    report = hl.render_report(fake_results([fake_seed(0.6, 0.03), fake_seed(0.8, 0.05)]))
+    # mean 0.7, std 0.1, worst 0.6 on unseen prompts; no all-prompts detector
+    assert "| curve_logit_logreg | 0.700 ± 0.100 [0.600] | - |" in report
+    assert "| 0 | 0.500 | 0.250 | 0.250 | 1.000 | 1.000 / - | 1.000 / 0.400 |" in report
+    # curves: success [0.7, 1/3] (2 decimals), n 6, top-1 0.70; the fail case has one seed
+    assert "| success | logit | 6 | 0.70 | 0.70 | 0.33 |" in report
+    assert "| fail | tuned | 3 | 0.80 | 0.80 | 0.50 |" in report
+    assert "- template + curve - template + final p, per seed: +0.030, +0.050" in report
+    assert "Wall 12 s, jobs 20 CPU-s." in report
+    assert report.endswith("\n") and "hallucination_lens.png" in report
+
+
+def test_render_report_verdicts_follow_the_numbers():
+    good = hl.render_report(fake_results([fake_seed(0.6, 0.03, 0.03), fake_seed(0.8, 0.05, 0.02)]))
+    assert "curve_adds_information: true" in good
+    assert "the curve holds information" in good
+    # worst seed 0.6 >= 0.55; margins +0.03, +0.02 both >= 0.02
+    assert "above chance (0.5) clearly" in verdict_line(good, "- Curve detector vs chance")
+    line = verdict_line(good, "- Curve detector vs the better")
+    assert "ahead in 2 of 2 seeds (+0.030, +0.020)" in line and "the curve beats" in line
+    assert ">= +0.02 in 2 of 2 seeds" in verdict_line(good, "- Template + curve")
+    # cell AUROC: curve 0.6 vs final p mean(0.4, 0.6) = 0.5
+    assert "curve 0.600 vs final p 0.500: the curve ranks better" in good
+    # gate: trained 1.0, held-out 0.4 -> passed; top-1: success 0.7 vs fail 0.8 -> no separation
+    assert "Gate: trained prompts right 1.000 or more" in good and "passed" in good
+    assert "no clear separation" in verdict_line(good, "Top-1 at an intermediate point")
+    bad = hl.render_report(fake_results([fake_seed(0.52, 0.03, -0.01), fake_seed(0.8, 0.01)],
+                                        trained=0.9))
+    assert "curve_adds_information: false" in bad and "adds nothing" in bad
+    assert "not clearly above chance" in verdict_line(bad, "- Curve detector vs chance")
+    line = verdict_line(bad, "- Curve detector vs the better")
+    assert "ahead in 1 of 2 seeds (-0.010, +0.010)" in line and "no clear gain" in line
+    assert ">= +0.02 in 1 of 2 seeds" in verdict_line(bad, "- Template + curve")
+    assert "failed" in verdict_line(bad, "Gate:")
+    # cell AUROC: curve 0.6 vs final p mean(0.32, 0.6) = 0.46
+    assert "curve 0.600 vs final p 0.460" in bad
+    # top-1: success mean(0.52, 0.8) = 0.66 vs fail 0.8 (one seed has fails)
+    assert "success 0.66 vs fail 0.80" in bad
+    high_fail = fake_seed(0.6, 0.03)
+    high_fail["cases"]["unseen_prompts"]["fail"] = {"n": 2, "logit_curve": [0.1, 0.1],
+                                                    "tuned_curve": [0.1, 0.1], "top1_rate": 0.49}
+    sep = hl.render_report(fake_results([high_fail]))
+    assert "the lens separates" in verdict_line(sep, "Top-1 at an intermediate point")  # 0.6 > 0.59
+    high_fail["cases"]["unseen_prompts"]["fail"]["top1_rate"] = 0.51
+    sep = hl.render_report(fake_results([high_fail]))
+    assert "no clear separation" in verdict_line(sep, "Top-1 at an intermediate point")
+    cell_tie = fake_seed(0.8, 0.03)
+    cell_tie["detector"]["unseen_prompts"]["within_bin_template_auroc"]["final_prob"] = 0.6
+    tie = hl.render_report(fake_results([cell_tie]))
+    assert "ranks no better" in tie and "curve_adds_information: false" in tie
+    no_unseen = fake_seed(0.6, 0.03)
+    no_unseen["detector"]["unseen_prompts"] = None
+    assert "no verdict" in hl.render_report(fake_results([no_unseen]))
+
+
+def test_smoke_writes_the_record(tmp_path):
+    res = hl.main(["--smoke", "--workers", "1", "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
+    assert open(os.path.join(tmp_path, "results.md")).read() == hl.render_report(saved)
     assert saved["seeds"] == [0, 1]
-    smoke_size = dict(steps=150, n_seeds=2, n_subjects=24, n_relations=2, n_layers=2, d_model=32,
-                      n_heads=2, batch_size=64, n_folds=2, log_every=75)
+    smoke_size = dict(steps=150, n_seeds=2, n_subjects=24, n_relations=2, n_layer=2, n_embd=32,
+                      n_head=2, batch_size=64, n_folds=2, log_every=75)
     assert {k: saved["config"][k] for k in smoke_size} == smoke_size
-    assert 0 < saved["cpu_time_s"] < 600 and 0 < saved["wall_time_s"] < 3600
+    assert 0 < saved["cpu_s"] < 600 and 0 < saved["wall_s"] < 3600
+    assert saved["cpu_s"] == pytest.approx(sum(saved["seed_cpu_s"]))
     for k in saved["per_seed_knowledge"]:
         shares = k["mixed_share"] + k["all_right_share"] + k["all_wrong_share"]
         assert shares == pytest.approx(1.0, abs=1e-3)
@@ -699,8 +780,8 @@ def test_smoke_writes_results(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--template-train", "1.5"], ["--n-subjects", "0"],
-                                  ["--d-model", "30", "--n-heads", "4"], ["--n-folds", "1"],
-                                  ["--n-seeds", "0"]])
+                                  ["--n-embd", "30", "--n-head", "4"], ["--n-folds", "1"],
+                                  ["--n-seeds", "0"], ["--workers", "-1"]])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         hl.main(argv)
