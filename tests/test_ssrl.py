@@ -152,7 +152,7 @@ def test_information_mask_two_blocks_and_an_open_one():
 
 
 def test_information_mask_after_a_stray_or_doubled_close():
-    # the v1 bug: [c, 1, o, 2, c, 3] gave 000000; the stray close closes nothing: 001110
+    # a stray close closes nothing: [c, 1, o, 2, c, 3] → 001110 (not 000000)
     ids = torch.tensor([[C_ID, 1, O_ID, 2, C_ID, 3]])
     assert ssrl.information_mask(ids, O_ID, C_ID).int().tolist() == [[0, 0, 1, 1, 1, 0]]
     # a doubled close, then another block: o 1 c c 2 o 3 c → 1 1 1 0 0 1 1 1
@@ -221,30 +221,6 @@ def test_plan_is_correct_strict():
     for name, text in cases.items():
         assert not ssrl.plan_is_correct(text, "a1 b2", chain, VERBS), name
     assert ssrl.plan_is_correct(hop("a1 b2", "city", "c1 x"), "a1 b2", ("city",), VERBS)
-
-
-# --- GRPO ---
-
-def test_grpo_ratio_one_centred_advantages_loss_zero_gradient_not_zero():
-    # ρ = 1, ref = π: pg = −Â per token; token-mean over 6 tokens: (−1·3 + 1·3)/6 = 0; KL = 0
-    logp = torch.full((2, 3), -0.5, requires_grad=True)
-    adv = ssrl.group_normalize(torch.tensor([[1.0, 0.0]])).reshape(2)  # ±0.7071
-    loss, _ = ssrl.grpo_loss(logp, logp.detach(), logp.detach(), torch.ones(2, 3), adv)
-    torch.testing.assert_close(loss, torch.tensor(0.0))
-    loss.backward()
-    # ∂/∂logp_t of −Â ρ_t / 6 at ρ = 1 is −Â/6 = ∓0.11785
-    torch.testing.assert_close(logp.grad, (-adv[:, None] / 6).expand(2, 3))
-
-
-def test_grpo_clip_stops_the_gradient():
-    # ρ = e^0.4 = 1.492 > 1.2 with Â = 1: max(−1.492, −1.2) = −1.2, a constant: gradient 0
-    logp = torch.tensor([[0.4]], requires_grad=True)
-    loss, terms = ssrl.grpo_loss(logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1),
-                                 torch.tensor([1.0]))
-    torch.testing.assert_close(loss, torch.tensor(-1.2))
-    loss.backward()
-    assert logp.grad.abs().item() == 0
-    assert terms["clip_frac"].item() == 1.0
 
 
 # --- the toy world ---
@@ -328,28 +304,30 @@ def test_stale_world_moves_the_fraction_and_keeps_the_rest():
 
 
 class Scripted(nn.Module):
-    """Writes a fixed response per prompt: logit 50 on the scripted next token, 0 elsewhere."""
+    """Writes a fixed response per prompt: logit 50 on the scripted next token, 0 elsewhere; an
+    unknown prompt gets `default` (a bare </information>)."""
 
-    def __init__(self, vocab, script, pad):
+    def __init__(self, vocab, script, pad, default=()):
         super().__init__()
         self.vocab = vocab
         self.script = script  # prompt ids (tuple, without padding) → response ids
         self.pad = pad
+        self.default = list(default) or [0]
+        self.blocks = [None]  # one KVCache: it counts the tokens seen so far
         self.dummy = nn.Parameter(torch.zeros(1))
         self.logit = 50.0  # on the scripted next token; every other token gets 0
 
-    def new_cache(self, B, T, device):
-        return {"rows": None, "Lp": None}
-
-    def forward(self, idx, pos=None, attn_mask=None, cache=None, start=0):
+    def forward(self, idx, pos=None, attn_mask=None, cache=None):
         B, T = idx.shape
-        if start == 0:
-            cache["rows"] = [tuple(t for t in row if t != self.pad) for row in idx.tolist()]
-            cache["Lp"] = T
+        past = 0 if cache[0].k is None else cache[0].k.shape[2]
+        if past == 0:
+            cache[0].rows = [tuple(t for t in row if t != self.pad) for row in idx.tolist()]
+            cache[0].Lp = T
+        cache[0].append(torch.zeros(B, 1, T, 1), torch.zeros(B, 1, T, 1))
         logits = torch.zeros(B, T, self.vocab)
-        at = start + T - cache["Lp"]  # index of the response token to write next
-        for i, row in enumerate(cache["rows"]):
-            response = self.script[row]
+        at = past + T - cache[0].Lp  # index of the response token to write next
+        for i, row in enumerate(cache[0].rows):
+            response = self.script.get(row, self.default)
             logits[i, -1, response[min(at, len(response) - 1)]] = self.logit
         return logits
 
@@ -360,7 +338,7 @@ def scripted_model(kb, tok, responses):
     for (person, template), text in responses.items():
         prompt = tuple(tok.encode("<s> " + ssrl.prompt_text(person, template)))
         script[prompt] = tok.encode(text)
-    return Scripted(len(tok.raw), script, tok.special["<pad>"])
+    return Scripted(len(tok.raw), script, tok.special["<pad>"], tok.encode("</information>"))
 
 
 def fixed_responses(kb):
@@ -377,12 +355,24 @@ def fixed_responses(kb):
     return out
 
 
+def bio_script(kb, tok, wrong=()):
+    """The bio-form recall prompts of every fact → the true fact line (a subject in `wrong`
+    recalls c1 instead)."""
+    script = {}
+    for (s, r) in kb.facts:
+        prompt = "<s>" + ssrl.bio_text(kb, s, r).split("<information>")[0] + "<information>"
+        obj = "c1" if s in wrong else kb.facts[(s, r)]
+        script[tuple(tok.encode(prompt))] = tok.encode(f" {s} {VERBS[r]} {obj}</information>")
+    return script
+
+
 def test_evaluate_a_model_with_fixed_answers():
     kb, tok = small_world()
     model = scripted_model(kb, tok, fixed_responses(kb))
+    model.script.update(bio_script(kb, tok, wrong={"e1"}))
     cfg = ssrl.Config(n_samples=3, max_new=60)
     out = ssrl.evaluate(model, kb, ["a0 b0", "a0 b1"], ["a0 b0", "a0 b1"], cfg, tok,
-                        torch.device("cpu"))
+                        torch.device("cpu"), {"e1"})
     # 8 questions: a0 b0 all right (4), a0 b1 city right (1): 5/8 at every k
     for k in ("1", "2", "3"):
         assert out["pass_at_k"][k] == pytest.approx(5 / 8)
@@ -393,9 +383,12 @@ def test_evaluate_a_model_with_fixed_answers():
     assert out["copy"] == 1.0
     assert out["format_rate"] == 1.0
     # hops written: a0 b0 1+1+2+3 = 7 true; a0 b1 city 1 true, 3 × employer e0 false: 8 / 11
-    assert out["info_fidelity"] == pytest.approx(8 / 11)
-    assert out["hop_recall"] == {"city": 1.0, "country": 1.0, "employer": pytest.approx(2 / 5),
-                                 "hq": 1.0}
+    assert out["hop_recall_sampled"] == pytest.approx(8 / 11)
+    assert out["hop_recall_sampled_by_relation"] == {
+        "city": 1.0, "country": 1.0, "employer": pytest.approx(2 / 5), "hq": 1.0}
+    # greedy recall with the right query: 4 person facts right, e1's HQ wrong (c1 for c0): 4/5
+    assert out["hop_recall"] == pytest.approx(4 / 5)
+    assert out["hop_recall_by_relation"] == {"city": 1.0, "employer": 1.0, "hq": 0.0}
     assert out["answer_follows_information"] == 1.0
     assert out["by_template"]["city"] == {"pass_at_1": 1.0, "plan_accuracy": 1.0, "greedy_em": 1.0}
     assert out["by_template"]["employer"]["plan_accuracy"] == 1.0
@@ -425,32 +418,42 @@ def test_summarize_pass_at_k_counts_hits_per_question():
 
 def test_sim_to_real_pastes_the_lookup():
     kb, tok = small_world()
-    # a0 b1 writes a false fact (e0); the real lookup pastes e1 and the answer copies ... the
-    # scripted answer stays e0, so EM stays 0; with the right chain for a0 b0 both are right
-    responses = fixed_responses(kb)
-    model = scripted_model(kb, tok, responses)
+    # a0 b1 writes a false fact (e0); the real lookup pastes e1, but the scripted answer stays
+    # e0, so EM stays 0; with the right chain for a0 b0 both are right
+    model = scripted_model(kb, tok, fixed_responses(kb))
     questions = [("a0 b0", "employer"), ("a0 b1", "employer")]
-    out = ssrl.sim_to_real(model, kb, questions, 2, tok, torch.device("cpu"), 60)
+    out = ssrl.em_self_and_real(model, kb, questions, 2, tok, torch.device("cpu"), 60)
     assert out["em_self"] == 0.5
     assert out["em_real"] == 0.5
-    assert out["info_fidelity_self"] == 0.5
+    assert out["hop_recall_self"] == 0.5
     real = ssrl.sample_scores(model, kb, questions, 1, tok, torch.device("cpu"), 60,
                               search=kb.search)
     assert real[1]["hops"] == [("employer", True)]  # the pasted block is the true fact
     assert real[1]["follows"] is False
 
 
+def test_sim_to_real_blocks_greedy_sampled_and_stale():
+    kb, tok = small_world()
+    model = scripted_model(kb, tok, fixed_responses(kb))
+    world = ssrl.World(kb, tok, None, [], ["a0 b0", "a0 b1"], [], {"e0", "e1"})
+    cfg = ssrl.Config(n_eval=1, n_small=2, max_new=60, stale_frac=1.0)
+    out = ssrl.sim_to_real(model, world, cfg, torch.device("cpu"), 0)
+    # greedy over both people: 5 of 8 right with its own information, and with the lookup
+    assert out["heldout"]["greedy_em_self"] == pytest.approx(5 / 8)
+    assert out["heldout"]["greedy_em"] == pytest.approx(5 / 8)
+    assert out["heldout"]["em_self"] == 1.0  # n_eval = 1: a0 b0 only, all right
+    # stale world: a0 b0 moved city, so its city and country answers (c0, k0) are now wrong
+    assert out["stale_world"]["moved_people"] == 1
+    assert out["stale_world"]["em_self"] == 0.5
+    assert out["stale_world"]["em_real"] == 0.5
+
+
 def test_hop_recall_gate_reads_the_information_block():
     kb, tok = small_world()
-    script = {}
-    for (s, r) in kb.facts:
-        prompt = "<s>" + ssrl.bio_text(kb, s, r).split("<information>")[0] + "<information>"
-        obj = kb.facts[(s, r)] if s != "e1" else "c1"  # e1's HQ recalled wrong
-        script[tuple(tok.encode(prompt))] = tok.encode(f" {s} {VERBS[r]} {obj}</information>")
-    model = Scripted(len(tok.raw), script, tok.special["<pad>"])
+    model = Scripted(len(tok.raw), bio_script(kb, tok, wrong={"e1"}), tok.special["<pad>"])
     overall, by_rel = ssrl.hop_recall_gate(model, kb, {"a0 b0", "e0", "e1"}, tok,
                                            torch.device("cpu"))
-    # a0 b0: city, employer right; e0 hq right; e1 hq wrong: 3/4
+    # a0 b0: city, employer right; e0 hq right (c1 is its true HQ); e1 hq wrong: 3/4
     assert overall == 0.75
     assert by_rel == {"city": 1.0, "employer": 1.0, "hq": 0.5}
 
@@ -468,11 +471,12 @@ def test_kv_cache_decoding_equals_the_full_forward_with_left_padding():
     assert pos[1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5]
     with torch.no_grad():
         full = model(ids, pos, ssrl.full_mask(valid))  # (2, 9, V)
-        cache = model.new_cache(2, 9, "cpu")
-        steps = [model(ids[:, :5], pos[:, :5], ssrl.full_mask(valid[:, :5]), cache, 0)]
+        cache = [ssrl.KVCache() for _ in model.blocks]
+        steps = [model(ids[:, :5], pos[:, :5], ssrl.full_mask(valid[:, :5]), cache)]
         for t in range(5, 9):
             steps.append(model(ids[:, t:t + 1], pos[:, t:t + 1], valid[:, None, None, :t + 1],
-                               cache, t))
+                               cache))
+    assert cache[0].k.shape == (2, 2, 9, 8)  # (B, nh, T, hs)
     inc = torch.cat(steps, 1)
     torch.testing.assert_close(inc[0], full[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(inc[1, 3:], full[1, 3:], atol=1e-5, rtol=0)
@@ -486,7 +490,7 @@ def test_generate_and_response_logp_agree_with_the_full_forward():
     rollout = ssrl.generate(model, prompts, 6, tok, torch.device("cpu"), temperature=0)
     assert rollout.Lp == len(prompts[1])
     assert rollout.valid[0, :rollout.Lp].sum() == len(prompts[0])
-    logp = ssrl.response_logp(model, rollout, torch.device("cpu"))  # (2, T)
+    logp = ssrl.response_logp(model, rollout)  # (2, T)
     # greedy: each generated token is the argmax, so its log-prob is the row's max log-prob
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt + rollout.seq[i, rollout.Lp:].tolist()])
@@ -527,6 +531,10 @@ def fixed_rollout(tok, prompts, texts):
     return ssrl.Rollout(ids, valid, len(prompts[0]))
 
 
+def no_probe(policy):
+    return {}
+
+
 @pytest.mark.parametrize("info_mask", [True, False])
 def test_one_grpo_step(monkeypatch, info_mask):
     """The rollout is fixed: in each group of 8, the right trajectory (r = 0.9 + 0.1 = 1.0) and a
@@ -557,9 +565,11 @@ def test_one_grpo_step(monkeypatch, info_mask):
     monkeypatch.setattr(ssrl, "grpo_loss", recording_loss)
     cfg = ssrl.Config(steps=1, prompts_per_step=2, group=8, max_new=30, rl_lr=1e-3, log_every=1,
                       clip_eps=0.3, kl_coef=0.01)
-    history = ssrl.ssrl(model, ref, kb, [("a0 b0", "city")], cfg, tok, torch.device("cpu"),
-                        info_mask, random.Random(0))
-    assert history[0]["reward"] == pytest.approx((1.0 + 0.05) / 2)
+    arm = ssrl.Arm(info_mask=info_mask, anchored=False)
+    curve = ssrl.ssrl(model, ref, kb, [("a0 b0", "city")], cfg, tok, torch.device("cpu"), arm,
+                      random.Random(0), no_probe, {})
+    assert [point["step"] for point in curve] == [0, 1]
+    assert curve[1]["reward"] == pytest.approx((1.0 + 0.05) / 2)
     rollout = rollouts[0]
     logp, old_logp, ref_logp, mask, adv, kwargs = calls[0]
     assert kwargs == {"clip_eps": 0.3, "kl_coef": 0.01}
@@ -568,6 +578,7 @@ def test_one_grpo_step(monkeypatch, info_mask):
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(old_logp, logp)
     torch.testing.assert_close(ref_logp, logp)  # the first step starts at the reference
+    assert curve[1]["info_kl"] == 0.0  # π_θ = π_ref when the loss is taken
     resp = rollout.seq[:, rollout.Lp:]
     valid = rollout.valid[:, rollout.Lp:]
     inside = ssrl.information_mask(resp, tok.special["<information>"],
@@ -576,33 +587,94 @@ def test_one_grpo_step(monkeypatch, info_mask):
     expected_mask = (valid & ~inside) if info_mask else valid
     assert torch.equal(mask, expected_mask.float())
     with torch.no_grad():
-        before = (ssrl.response_logp(ref, rollout, torch.device("cpu")) * mask).sum(1)
-        after = (ssrl.response_logp(model, rollout, torch.device("cpu")) * mask).sum(1)
+        before = (ssrl.response_logp(ref, rollout) * mask).sum(1)
+        after = (ssrl.response_logp(model, rollout) * mask).sum(1)
     assert float((adv * (after - before)).sum()) > 0
     # AdamW with weight decay 0: position rows past the rollout (zero gradient) do not move
     torch.testing.assert_close(model.pos.weight[rollout.seq.shape[1]:],
                                ref.pos.weight[rollout.seq.shape[1]:], atol=0, rtol=0)
 
 
-def test_main_smoke_writes_the_issue_keys(tmp_path):
-    ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["seeds"] == [0]
-    assert {"hop_recall", "copy"} <= set(results["gate"])
-    for arm in ("before_rl", "after_rl", "after_rl_mask_off"):
-        for group in ("heldout", "rl_people"):
-            block_ = results["arms"][arm][group]
-            assert list(block_["pass_at_k"]) == ["1", "2", "3", "4"]  # smoke: n_samples = 4
-            assert {"greedy_em", "plan_accuracy", "by_template"} <= set(block_)
-            assert set(block_["by_template"]) == set(ssrl.TEMPLATES)
-    assert {"em_self", "em_real"} <= set(results["sim_to_real"]["after_rl"])
-    assert "moved_people" in results["sim_to_real"]["after_rl_stale_world"]
-    assert (tmp_path / "ssrl.png").exists()
+def test_information_kl_is_a_token_mean_of_k3_over_the_information_tokens():
+    # u = ref − logp = [0.5, 30, 1]: k3 = e^0.5 − 0.5 − 1 = 0.148721, (clamped) 10, and
+    # e − 2 = 0.718282 on a token outside the information: (0.148721 + 10) / 2 = 5.074361
+    logp = torch.tensor([[-0.5, -1.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, 29.0, 1.0]])
+    kl = ssrl.information_kl(logp, ref, torch.tensor([[1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(kl, torch.tensor(5.074361))
+    kl.backward()
+    # ∂k3/∂logp = 1 − e^u on the first token (/2 for the mean): (1 − e^0.5) / 2 = −0.324361;
+    # the clamped token and the one outside get none
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.324361, 0.0, 0.0]]))
+    assert ssrl.information_kl(logp, ref, torch.zeros(1, 3)).item() == 0.0  # no information
+    with pytest.raises(ValueError):
+        ssrl.information_kl(logp, ref, torch.ones(3))
+
+
+def anchor_run(monkeypatch, anchored):
+    """Six GRPO steps with the mask on, on a fixed rollout where a wrong trajectory (its
+    information block wrong, r = 0.1) and the right one (r = 1) alternate; lr 3e-2 so the
+    shared weights move. Returns the information tokens' k3 KL to π_ref afterwards."""
+    kb, tok = small_world()
+    torch.manual_seed(0)
+    policy = ssrl.GPT(len(tok.raw), 16, 1, 2, 96)
+    ref = ssrl.GPT(len(tok.raw), 16, 1, 2, 96)
+    ref.load_state_dict(policy.state_dict())
+    ref.requires_grad_(False)
+    right = ssrl.trajectory_text(kb, "a0 b0", ("city",))
+    wrong = block(T, " city") + hop("a0 b0", "city", "c1") + block(T, " done") + block(A, " c1")
+    rollouts = []
+
+    def fake_generate(model_, prompts, *args, **kwargs):
+        rollouts.append(fixed_rollout(tok, prompts, [right, wrong]))
+        return rollouts[-1]
+
+    monkeypatch.setattr(ssrl, "generate", fake_generate)
+    cfg = ssrl.Config(steps=6, prompts_per_step=2, group=4, max_new=40, rl_lr=3e-2, log_every=6,
+                      info_kl_coef=1.0)
+    arm = ssrl.Arm(info_mask=True, anchored=anchored)
+    ssrl.ssrl(policy, ref, kb, [("a0 b0", "city")], cfg, tok, torch.device("cpu"), arm,
+              random.Random(0), no_probe, {})
+    rollout = rollouts[0]
+    resp = rollout.seq[:, rollout.Lp:]
+    inside = ssrl.information_mask(resp, tok.special["<information>"],
+                                   tok.special["</information>"]) & rollout.valid[:, rollout.Lp:]
+    with torch.no_grad():
+        return float(ssrl.information_kl(ssrl.response_logp(policy, rollout),
+                                         ssrl.response_logp(ref, rollout), inside.float()))
+
+
+def test_the_anchor_keeps_the_information_tokens_near_the_reference(monkeypatch):
+    # the mask gives the information tokens no gradient, but the updates of the other tokens move
+    # them; the anchor pulls them back: their KL to π_ref stays well below the unanchored run's
+    unanchored = anchor_run(monkeypatch, anchored=False)
+    anchored = anchor_run(monkeypatch, anchored=True)
+    assert unanchored > 0.01
+    assert anchored < 0.5 * unanchored
+
+
+def test_recall_probe_leaves_the_training_noise_alone():
+    kb, tok = small_world()
+    torch.manual_seed(0)
+    model = ssrl.GPT(len(tok.raw), 16, 1, 2, 96)
+    world = ssrl.World(kb, tok, None, [], ["a0 b0", "a0 b1"], [], {"e0"})
+    probe = ssrl.recall_probe(world, ssrl.Config(max_new=20), torch.device("cpu"), 5)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = probe(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert probe(model) == first  # its own seed: the same samples each time
+    scripted = scripted_model(kb, tok, fixed_responses(kb))
+    scripted.script.update(bio_script(kb, tok, wrong={"a0 b1"}))
+    out = ssrl.recall_probe(world, ssrl.Config(max_new=60), torch.device("cpu"), 5)(scripted)
+    # greedy: facts of a0 b0 (2), a0 b1 (2, both recalled as c1: the city is right) and e0's HQ:
+    # a0 b1's employer is wrong: 4/5. sampled: a0 b0 7 hops right, a0 b1 1 of 4: 8/11
+    assert out == {"greedy": pytest.approx(4 / 5), "sampled": pytest.approx(8 / 11)}
 
 
 def test_bad_values_exit_2(capsys):
     for argv in (["--group", "1"], ["--stale-frac", "2"], ["--n-traj", "300", "--n-heldout", "100"],
-                 ["--demo-right", "1.5"]):
+                 ["--demo-right", "1.5"], ["--info-kl-coef", "-1"]):
         with pytest.raises(SystemExit) as e:
             ssrl.main(argv)
         assert e.value.code == 2
@@ -619,38 +691,126 @@ def test_user_data_with_a_missing_hop_is_one_line(tmp_path, capsys):
     assert "no fact" in capsys.readouterr().err
 
 
-# --- seeds: the average and the headline ---
+# --- seeds, the record and its report ---
 
 
-def fake_seed(before_held, after_held, after_rl_people, plan, greedy):
-    def group(p1, plan_, greedy_):
-        return {"pass_at_k": {"1": p1}, "plan_accuracy": plan_, "greedy_em": greedy_}
+def groups(held_p1, rl_p1, recall=0.95, sampled=0.92, plan=0.8, greedy=0.9):
+    """One seed's evaluation of the two groups (only what seed_metrics and render_report read)."""
+    def group(p1):
+        return {"pass_at_k": {"1": p1, "2": min(1.0, 2 * p1)}, "plan_accuracy": plan,
+                "greedy_em": greedy, "hop_recall": recall, "hop_recall_sampled": sampled,
+                "copy": 0.99, "format_rate": 1.0, "answer_follows_information": 0.97,
+                "hop_recall_by_relation": {"city": recall},
+                "hop_recall_sampled_by_relation": {r: sampled for r in VERBS},
+                "by_template": {t: {"pass_at_1": p1} for t in ssrl.TEMPLATES}}
+    return {"heldout": group(held_p1), "rl_people": group(rl_p1)}
 
-    return {"arms": {"before_rl": {"heldout": group(before_held, 0.2, 0.3),
-                                   "rl_people": group(0.3, 0.2, 0.3)},
-                     "after_rl": {"heldout": group(after_held, plan, greedy),
-                                  "rl_people": group(after_rl_people, plan, greedy)}}}
 
-
-def test_headline_mean_std_and_worst_seed():
-    seeds = [fake_seed(0.3, 0.8, 0.9, 0.7, 0.9), fake_seed(0.2, 0.4, 0.7, 0.5, 0.6)]
-    out = ssrl.headline(seeds)
-    # gains 0.5 and 0.2: mean 0.35, population std 0.15, worst (smallest) 0.2
-    assert out["heldout_pass1_gain"]["per_seed"] == pytest.approx([0.5, 0.2])
-    assert out["heldout_pass1_gain"]["mean"] == pytest.approx(0.35)
-    assert out["heldout_pass1_gain"]["std"] == pytest.approx(0.15)
-    assert out["heldout_pass1_gain"]["worst"] == pytest.approx(0.2)
-    assert out["heldout_plan_accuracy"]["worst"] == 0.5
-    assert out["heldout_greedy_em"]["mean"] == pytest.approx(0.75)
-    # RL people ahead of held-out: 0.1 and 0.3; the worst is the largest lead
-    assert out["rl_people_lead"]["per_seed"] == pytest.approx([0.1, 0.3])
-    assert out["rl_people_lead"]["worst"] == pytest.approx(0.3)
+def test_seed_metrics_by_hand():
+    out = ssrl.seed_metrics(groups(0.2, 0.25), groups(0.7, 0.8, recall=0.93, sampled=0.91))
+    # gain 0.7 − 0.2 = 0.5; RL people ahead by 0.8 − 0.7 = 0.1
+    assert out == {"pass_at_1": 0.7, "pass_at_1_gain": pytest.approx(0.5), "hop_recall": 0.93,
+                   "hop_recall_sampled": 0.91, "plan_accuracy": 0.8, "greedy_em": 0.9,
+                   "rl_people_lead": pytest.approx(0.1)}
 
 
 def test_average_over_seeds_is_recursive_and_keeps_none():
     seeds = [{"a": 1.0, "b": {"c": 2.0, "d": None}}, {"a": 3.0, "b": {"c": 4.0, "d": 1.0}}]
     out = ssrl.average(seeds)
     assert out == {"a": 2.0, "b": {"c": 3.0, "d": None}}
+
+
+def sim_block(own, real):
+    held = {"em_self": own, "em_real": real, "greedy_em_self": own, "greedy_em": real,
+            "hop_recall_self": 0.9, "plan_accuracy_self": 0.8, "plan_accuracy_real": 0.9}
+    return {"heldout": held, "stale_world": {**held, "moved_people": 5}}
+
+
+def hand_jobs(gains, recalls, leads, unanchored_recall=0.6):
+    """Fake job outputs: before RL held-out pass@1 0.2 in every seed; SSRL with the given
+    per-seed gains, sampled recalls and RL-people leads."""
+    pretrained = []
+    trained = []
+    for seed, (gain, recall, lead) in enumerate(zip(gains, recalls, leads)):
+        gate = {"hop_recall": 1.0, "copy": 0.99, "hop_recall_by_relation": {}, "passed": True}
+        pretrained.append({"seed": seed, "n_params": 1000, "gate": gate, "cpu_s": 1.0,
+                           "groups": groups(0.2, 0.2), "sim_to_real": sim_block(0.3, 0.7)})
+        arms = {"after_rl": groups(0.2 + gain, 0.2 + gain + lead, sampled=recall),
+                "unanchored": groups(0.3, 0.3, sampled=unanchored_recall),
+                "mask_off": groups(0.8, 0.95)}
+        for name, out in arms.items():
+            curve = [{"step": 0, "greedy": 1.0, "sampled": 0.95},
+                     {"step": 5, "greedy": 0.9, "sampled": recall, "info_kl": 0.1}]
+            trained.append({"seed": seed, "arm": name, "groups": out, "cpu_s": 2.0,
+                            "sim_to_real": sim_block(0.5, 0.9), "recall_curve": curve})
+    return pretrained, trained
+
+
+def hand_results(gains, recalls, leads, unanchored_recall=0.6):
+    """A results dict built by collect() from hand_jobs."""
+    pretrained, trained = hand_jobs(gains, recalls, leads, unanchored_recall)
+    results = ssrl.collect(ssrl.Config(), pretrained, trained)
+    results["wall_s"] = 10.0
+    return results
+
+
+def test_run_trains_consecutive_seeds_and_every_arm_from_each(monkeypatch, tmp_path):
+    pretrained, trained = hand_jobs([0.5, 0.3, 0.4], [0.95, 0.91, 0.93], [0.0, 0.1, 0.12])
+    seen = []
+
+    def fake_pretrain_seed(job):
+        return {**pretrained[job.seed - 5], "seed": job.seed, "weights": {"w": job.seed}}
+
+    def fake_train_arm(job):
+        seen.append((job.seed, job.arm, job.weights))
+        index = (job.seed - 5) * 3 + list(ssrl.ARMS).index(job.arm)
+        return {**trained[index], "seed": job.seed}
+
+    monkeypatch.setattr(ssrl, "pretrain_seed", fake_pretrain_seed)
+    monkeypatch.setattr(ssrl, "train_arm", fake_train_arm)
+    results = ssrl.run(ssrl.Config(seed=5, n_seeds=3, device="cpu", workers=1, out=str(tmp_path)))
+    assert results["seeds"] == [5, 6, 7]
+    assert seen == [(s, arm, {"w": s}) for s in (5, 6, 7) for arm in ssrl.ARMS]
+    assert results["arms"]["after_rl"]["per_seed"][1]["pass_at_1_gain"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [5, 6, 7]
+    assert (tmp_path / "results.md").read_text() == ssrl.render_report(results)
+
+
+def test_collect_means_per_seed_and_curves():
+    results = hand_results([0.5, 0.3, 0.4], [0.95, 0.91, 0.93], [0.0, 0.1, -0.05])
+    assert results["seeds"] == [0, 1, 2]
+    gains = [s["pass_at_1_gain"] for s in results["arms"]["after_rl"]["per_seed"]]
+    assert gains == pytest.approx([0.5, 0.3, 0.4])
+    assert results["arms"]["after_rl"]["heldout"]["pass_at_k"]["1"] == pytest.approx(0.6)
+    assert results["arms"]["before_rl"]["per_seed"][0]["pass_at_1_gain"] == 0.0
+    assert results["gate"]["passed"] is True and results["gate"]["hop_recall"] == 1.0
+    assert results["sim_to_real"]["heldout"]["greedy_em"] == pytest.approx(0.9)  # SSRL's
+    assert results["sim_to_real"]["other_arms"]["before_rl"]["heldout"]["greedy_em"] == \
+        pytest.approx(0.7)
+    assert len(results["recall_curve"]["unanchored"]) == 3
+    assert results["cpu_time_s"] == 3 * 1.0 + 9 * 2.0
+
+
+def test_render_report_verdicts_follow_the_numbers():
+    good = ssrl.render_report(hand_results([0.5, 0.3, 0.4], [0.95, 0.91, 0.93], [0.0, 0.1, 0.12]))
+    # gains 0.5, 0.3, 0.4: mean 0.4, population std 0.0816, worst 0.3 (≥ 0.3: met)
+    assert "gain 0.400 ± 0.082 [0.300]: goal ≥ +0.3 in every seed met" in good
+    # recall: the lower of greedy 0.95 and sampled: 0.95, 0.91, 0.93 → worst 0.91
+    assert "(the lower of greedy and sampled, all hops) 0.930 ± 0.016 [0.910]" in good
+    assert "goal ≥ 0.9 in every seed met" in good
+    # leads 0, 0.1, 0.12: mean 0.0733, population std 0.0525, worst (largest) 0.12
+    assert "lead 0.073 ± 0.052 [0.120]: goal ≤ 0.15 in every seed met" in good
+    assert "it drifts below the goal in some seed" in good  # unanchored sampled recall 0.6
+    assert "greedy held-out EM is 0.500 with its own information and 0.900" in good
+    assert "(+0.400)" in good
+    assert "pass@1 0.200 → pass@2 0.400: pass@k barely climbs" in good  # climbs by 0.2 < 0.3
+    bad = ssrl.render_report(hand_results([0.5, 0.29, 0.4], [0.95, 0.89, 0.93], [0.0, 0.1, 0.16],
+                                          unanchored_recall=0.95))
+    assert "goal ≥ +0.3 in every seed NOT met" in bad
+    assert "goal ≥ 0.9 in every seed NOT met" in bad
+    assert "goal ≤ 0.15 in every seed NOT met" in bad
+    assert "it holds without the anchor too" in bad
+    assert "| 5 | 0.900 | 0.930 |" in good  # the recall curve's last row, SSRL first
 
 
 def test_user_data_runs_the_whole_pipeline(tmp_path):
@@ -661,16 +821,16 @@ def test_user_data_runs_the_whole_pipeline(tmp_path):
     data = tmp_path / "world.jsonl"
     rows = [{"subject": s, "relation": r, "object": o} for s, r, o in triples]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ssrl.main(["--data", str(data), "--smoke", "--out", str(tmp_path / "o")])
+    ssrl.main(["--data", str(data), "--smoke", "--workers", "1", "--out", str(tmp_path / "o")])
     results = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert results["per_seed"][0]["n_params"] > 0
+    assert results["n_params"] > 0
     cfg = ssrl.Config(data=str(data))
     kb = ssrl.load_world(cfg, random.Random(0))
     assert kb.facts == {(s, r): o for s, r, o in triples}
     assert len(ssrl.people_of(kb)) == 30
 
 
-# --- survivors of mutate.py, killed by behaviour ---
+# --- more behaviour: the sampler, the model, the arms and the gates ---
 
 
 def test_every_vocabulary_word_is_one_token():
@@ -705,7 +865,8 @@ def test_generate_stops_when_every_row_has_answered():
     # row 0 answers in 6 tokens, row 1 in 9 (same prompt length): the rollout ends at row 1's
     # </answer>, row 0 is padding (not valid) after its own
     kb, tok = small_world()
-    p0, p1 = tok.encode("<s> city of a0 b0 ?"), tok.encode("<s> city of a0 b1 ?")
+    p0 = tok.encode("<s> city of a0 b0 ?")
+    p1 = tok.encode("<s> city of a0 b1 ?")
     r0 = tok.encode("<think> done</think><answer> c0</answer>")
     r1 = tok.encode("<think> done</think><think> done</think><answer> c1</answer>")
     assert (len(r0), len(r1)) == (6, 9)
@@ -716,25 +877,18 @@ def test_generate_stops_when_every_row_has_answered():
     assert ssrl.decode_responses(tok, rollout) == [tok.decode(r0), tok.decode(r1)]
 
 
-def test_grpo_kl_estimate_is_clamped_to_ten():
-    # Â = 0, u = ref − logp = 30 → clamped to 20 → e^20 − 21, then the estimate clamped to 10
-    zero = torch.zeros(1, 1)
-    loss, _ = ssrl.grpo_loss(zero, zero, zero + 30, torch.ones(1, 1), torch.zeros(1), kl_coef=1.0)
-    torch.testing.assert_close(loss, torch.tensor(10.0))
-
-
-def test_the_control_arm_runs_with_the_mask_off(monkeypatch, tmp_path):
-    seen = []
+def test_every_arm_runs_with_its_mask_and_anchor_and_writes_the_record(monkeypatch, tmp_path):
+    seen = {}
     rl_people = []
     evaluated = []
     real_ssrl = ssrl.ssrl
     real_evaluate = ssrl.evaluate
 
-    def recording(model, ref, kb, questions, cfg, tok, device, info_mask, rng):
-        seen.append(info_mask)
+    def recording(policy, ref, kb, questions, cfg, tok, device, arm, rng, probe, tag):
+        seen[tag["arm"]] = arm
         rl_people.append({p for p, _ in questions})
         assert len(questions) == 4 * len(rl_people[-1])  # every template of every RL person
-        return real_ssrl(model, ref, kb, questions, cfg, tok, device, info_mask, rng)
+        return real_ssrl(policy, ref, kb, questions, cfg, tok, device, arm, rng, probe, tag)
 
     def recording_evaluate(model, kb, eval_people, all_people, *args):
         evaluated.append((list(eval_people), list(all_people)))
@@ -742,15 +896,60 @@ def test_the_control_arm_runs_with_the_mask_off(monkeypatch, tmp_path):
 
     monkeypatch.setattr(ssrl, "ssrl", recording)
     monkeypatch.setattr(ssrl, "evaluate", recording_evaluate)
-    ssrl.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
-    assert seen == [True, False]
+    ssrl.main(["--smoke", "--device", "cpu", "--workers", "1", "--out", str(tmp_path)])
+    assert seen == {"after_rl": ssrl.Arm(info_mask=True, anchored=True),
+                    "unanchored": ssrl.Arm(info_mask=True, anchored=False),
+                    "mask_off": ssrl.Arm(info_mask=False, anchored=False)}
     # smoke split of 36 people: 12 with demonstrations, 8 held out, the other 16 for RL
-    assert rl_people[0] == rl_people[1] and len(rl_people[0]) == 16
-    assert len(evaluated) == 6  # before RL, mask on, mask off; held out and RL people each
+    assert all(people == rl_people[0] for people in rl_people) and len(rl_people[0]) == 16
+    assert len(evaluated) == 8  # before RL and three arms; held out and RL people each
     (held_few, held_all), (rl_few, rl_all) = evaluated[0], evaluated[1]
     assert len(held_all) == 8 and held_few == held_all[:4]  # smoke n_eval = 4
     assert set(rl_all) == rl_people[0] and rl_few == rl_all[:4]
     assert not set(held_all) & rl_people[0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"] == [0]
+    assert {"hop_recall", "copy", "passed"} <= set(results["gate"])
+    for arm in ("before_rl", "after_rl", "unanchored", "mask_off"):
+        for group in ("heldout", "rl_people"):
+            block_ = results["arms"][arm][group]
+            assert list(block_["pass_at_k"]) == ["1", "2", "3", "4"]  # smoke: n_samples = 4
+            assert {"greedy_em", "plan_accuracy", "by_template", "hop_recall"} <= set(block_)
+            assert set(block_["by_template"]) == set(ssrl.TEMPLATES)
+        assert set(results["arms"][arm]["per_seed"][0]) >= {
+            "pass_at_1_gain", "hop_recall", "plan_accuracy", "greedy_em"}
+    assert {"em_self", "em_real", "greedy_em"} <= set(results["sim_to_real"]["heldout"])
+    assert "moved_people" in results["sim_to_real"]["stale_world"]
+    curve = results["recall_curve"]["after_rl"][0]
+    assert [p["step"] for p in curve] == [0, 1, 2]  # smoke: 2 steps, a point every step
+    assert {"greedy", "sampled"} <= set(curve[0])
+    assert (tmp_path / "results.md").read_text() == ssrl.render_report(results)
+    assert (tmp_path / "ssrl.png").exists()
+
+
+def test_arms_start_from_the_seed_s_pretrained_weights_and_the_same_noise(monkeypatch):
+    cfg = ssrl.Config(n_people=36, n_traj=12, n_heldout=8, n_cities=6, n_employers=4, d_model=16,
+                      n_layer=1, n_head=2, steps=1, log_every=1)
+    seen = []
+
+    def fake_ssrl(policy, ref, kb, questions, cfg_, tok, device, arm, rng, probe, tag):
+        seen.append((policy.tok.weight.detach().clone(), ref.tok.weight.detach().clone(),
+                     rng.random(), torch.rand(1).item()))
+        return []
+
+    monkeypatch.setattr(ssrl, "ssrl", fake_ssrl)
+    monkeypatch.setattr(ssrl, "measure", lambda *args: {})
+    monkeypatch.setattr(ssrl, "sim_to_real", lambda *args: {})
+    world = ssrl.build_world(cfg, random.Random(4))
+    torch.manual_seed(9)
+    weights = {k: v.numpy() for k, v in ssrl.new_model(cfg, world, "cpu").state_dict().items()}
+    for arm in ("after_rl", "mask_off"):
+        out = ssrl.train_arm(ssrl.ArmJob(cfg, 4, arm, weights))
+        assert out["arm"] == arm and out["seed"] == 4
+    for policy, ref, draw, noise in seen:
+        assert torch.equal(policy, torch.from_numpy(weights["tok.weight"]))
+        assert torch.equal(ref, policy)
+    assert seen[0][2:] == seen[1][2:]  # both arms: the same python and torch noise
 
 
 def test_pretraining_loss_is_the_mean_nll_over_real_tokens(monkeypatch):
@@ -768,17 +967,6 @@ def test_pretraining_loss_is_the_mean_nll_over_real_tokens(monkeypatch):
     assert len(tok.raw) == 58
     assert len(seen) == 1  # one step
     assert seen[0]["pretrain_loss"] == pytest.approx(math.log(58), abs=0.05)
-
-
-def test_grpo_kl_log_ratio_is_clamped_before_the_exponential():
-    # u = 100: unclamped, e^100 = inf in float32 and the clamped estimate's zero gradient times
-    # inf is NaN; clamped to 20 first, the loss is 10 and the gradient exactly 0
-    logp = torch.zeros(1, 1, requires_grad=True)
-    loss, _ = ssrl.grpo_loss(logp, logp.detach(), torch.full((1, 1), 100.0), torch.ones(1, 1),
-                             torch.zeros(1), kl_coef=1.0)
-    torch.testing.assert_close(loss, torch.tensor(10.0))
-    loss.backward()
-    assert logp.grad.item() == 0.0
 
 
 def test_greedy_generation_without_padding_equals_the_full_forward():
@@ -799,46 +987,24 @@ def test_greedy_generation_without_padding_equals_the_full_forward():
     # a new token attends to every cached key, not only the first
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(1, ids.shape[1], "cpu")
-        steps = [model(ids[:, :5], None, None, cache, 0)]
+        cache = [ssrl.KVCache() for _ in model.blocks]
+        steps = [model(ids[:, :5], None, None, cache)]
         for t in range(5, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), None, cache, t))
+            steps.append(model(ids[:, t:t + 1], torch.tensor([[t]]), None, cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
-def test_run_averages_consecutive_seeds(monkeypatch, tmp_path):
-    seen = []
-
-    def fake_run_seed(cfg, seed, device):
-        seen.append(seed)
-        out = fake_seed(0.2, 0.2 + 0.1 * (seed - 5), 0.5, 0.5, 0.5)
-        return {"seed": seed, "gate": {"hop_recall": float(seed)},
-                "arms": out["arms"], "sim_to_real": {"after_rl": {"em_self": 0.1 * seed}}}
-
-    monkeypatch.setattr(ssrl, "run_seed", fake_run_seed)
-    monkeypatch.setattr(ssrl, "print_table", lambda results: None)
-    monkeypatch.setattr(ssrl, "plot", lambda results, path: None)
-    results = ssrl.run(ssrl.Config(seed=5, n_seeds=3, device="cpu", out=str(tmp_path)))
-    assert seen == [5, 6, 7] and results["seeds"] == [5, 6, 7]
-    assert results["gate"]["hop_recall"] == pytest.approx(6.0)  # (5 + 6 + 7) / 3
-    assert results["sim_to_real"]["after_rl"]["em_self"] == pytest.approx(0.6)
-    # held-out gains 0.0, 0.1, 0.2: mean 0.1, worst 0.0
-    assert results["headline"]["heldout_pass1_gain"]["mean"] == pytest.approx(0.1)
-    assert results["headline"]["heldout_pass1_gain"]["worst"] == pytest.approx(0.0)
-    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [5, 6, 7]
-
-
 def test_block_residuals_add_attention_and_mlp():
-    # every weight 0: q = k = v = 0, attention output 0, proj(0) = its bias 1, mlp(·) = its last
-    # bias 2; so the block returns x + 1 + 2
+    # every weight 0: q = k = v = 0, attention output 0, c_proj(0) = its bias 1, mlp(·) = its
+    # last bias 2; so the block returns x + 1 + 2
     block_ = ssrl.Block(4, 2)
     with torch.no_grad():
         for p in block_.parameters():
             p.zero_()
-        block_.proj.bias.fill_(1.0)
+        block_.c_proj.bias.fill_(1.0)
         block_.mlp[2].bias.fill_(2.0)
     x = torch.arange(12.0).view(1, 3, 4)
-    torch.testing.assert_close(block_(x, None, None, 0), x + 3)
+    torch.testing.assert_close(block_(x), x + 3)
 
 
 def test_gpt_adds_token_and_position_embeddings():
@@ -856,41 +1022,6 @@ def test_gpt_adds_token_and_position_embeddings():
     torch.testing.assert_close(out, torch.tensor([[[-1.0, 1.0], [1.0, -1.0]]]), atol=1e-4, rtol=0)
 
 
-def test_grpo_lower_clip_and_clip_fraction():
-    # token 0: ρ = e^−0.5 = 0.6065 < 0.8 with Â = −1: max(0.6065, 0.8) = 0.8, constant: no gradient
-    # token 1: ρ = 1: pg = 1, gradient −Â/2 = 0.5. clip_frac = 1/2; pg_loss = (0.8 + 1) / 2 = 0.9
-    logp = torch.tensor([[-0.5, 0.0]], requires_grad=True)
-    loss, terms = ssrl.grpo_loss(logp, torch.zeros(1, 2), logp.detach(), torch.ones(1, 2),
-                                 torch.tensor([-1.0]), kl_coef=0.0)
-    torch.testing.assert_close(loss, torch.tensor(0.9))
-    loss.backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.5]]))
-    assert terms["clip_frac"].item() == pytest.approx(0.5)
-
-
-def test_grpo_kl_is_a_token_mean_of_k3():
-    # u = ref − logp = [0.5, 30]: k3 = e^0.5 − 0.5 − 1 = 0.148721 and (clamped) 10;
-    # a masked third token (u = 1) does not count: kl = (0.148721 + 10) / 2 = 5.074361;
-    # Â = 0, so loss = β · kl = 0.5 · 5.074361
-    logp = torch.tensor([[-0.5, -1.0, 0.0]])
-    ref = torch.tensor([[0.0, 29.0, 1.0]])
-    loss, terms = ssrl.grpo_loss(logp, logp, ref, torch.tensor([[1.0, 1.0, 0.0]]), torch.zeros(1),
-                                 kl_coef=0.5)
-    torch.testing.assert_close(terms["kl"], torch.tensor(5.074361))
-    torch.testing.assert_close(loss, torch.tensor(0.5 * 5.074361))
-
-
-def test_group_normalize_epsilon_and_single_samples():
-    # rewards 0 and 2e-6: mean 1e-6, unbiased std 1.41421e-6; Â = ±1e-6 / (1.41421e-6 + 1e-6)
-    adv = ssrl.group_normalize(torch.tensor([[0.0, 2e-6]], dtype=torch.float64))
-    torch.testing.assert_close(adv, torch.tensor([[-0.414214, 0.414214]], dtype=torch.float64),
-                               atol=1e-5, rtol=0)
-    # G = 1: mean 0, std 1, as verl: Â = r / (1 + 1e-6)
-    one = ssrl.group_normalize(torch.tensor([[0.5], [2.0]]))
-    torch.testing.assert_close(one, torch.tensor([[0.5], [2.0]]) / (1 + 1e-6))
-    torch.testing.assert_close(ssrl.group_normalize(torch.full((1, 3), 0.7)), torch.zeros(1, 3))
-
-
 def test_greedy_parts_are_greedy_on_a_hesitant_model():
     # the scripted token gets logit 3, the other 57 tokens 0: it is the argmax, but a sample at
     # T = 1 picks it only e^3 / (e^3 + 57) = 26% of the time, so a sampled answer is all but never
@@ -898,35 +1029,28 @@ def test_greedy_parts_are_greedy_on_a_hesitant_model():
     kb, tok = small_world()
     torch.manual_seed(0)
     model = scripted_model(kb, tok, fixed_responses(kb))
+    model.script.update(bio_script(kb, tok))
     model.logit = 3.0
     cfg = ssrl.Config(n_samples=1, max_new=60)
-    out = ssrl.evaluate(model, kb, ["a0 b0"], ["a0 b0", "a0 b1"], cfg, tok, torch.device("cpu"))
+    out = ssrl.evaluate(model, kb, ["a0 b0"], ["a0 b0", "a0 b1"], cfg, tok, torch.device("cpu"),
+                        {"e0", "e1"})
     assert out["greedy_em"] == pytest.approx(5 / 8)
     assert out["greedy_plan_accuracy"] == pytest.approx(6 / 8)
     assert out["pass_at_k"]["1"] < 0.5  # the sampled answers of a0 b0 (greedy: 4 of 4 right)
-    script = {}
-    for (s, r) in kb.facts:
-        prompt = "<s>" + ssrl.bio_text(kb, s, r).split("<information>")[0] + "<information>"
-        script[tuple(tok.encode(prompt))] = tok.encode(f" {s} {VERBS[r]} {kb.facts[(s, r)]}"
-                                                       "</information>")
-    gate = Scripted(len(tok.raw), script, tok.special["<pad>"])
-    gate.logit = 3.0
-    overall, _ = ssrl.hop_recall_gate(gate, kb, {"a0 b0", "e0", "e1"}, tok, torch.device("cpu"))
-    assert overall == 1.0
+    assert out["hop_recall"] == 1.0
 
 
-@pytest.mark.parametrize("hop, copy_, passed", [(0.95, 0.85, True), (0.94, 0.85, False),
-                                                (0.95, 0.84, False)])
-def test_gates_pass_at_their_thresholds(monkeypatch, hop, copy_, passed):
+@pytest.mark.parametrize("hop_, copy_, passed", [(0.95, 0.85, True), (0.94, 0.85, False),
+                                                 (0.95, 0.84, False)])
+def test_gates_pass_at_their_thresholds(monkeypatch, hop_, copy_, passed):
     # the gates: held-out hop recall >= 0.95 and copy >= 0.85, both needed (training is faked)
-    monkeypatch.setattr(ssrl, "pretrain", lambda *args: None)
-    monkeypatch.setattr(ssrl, "ssrl", lambda *args: [])
-    monkeypatch.setattr(ssrl, "hop_recall_gate", lambda *args: (hop, {"city": hop}))
-    monkeypatch.setattr(ssrl, "evaluate", lambda *args: {
-        "pass_at_k": {"1": 0.0}, "plan_accuracy": 0.0, "greedy_em": 0.0, "copy": copy_})
-    monkeypatch.setattr(ssrl, "sim_to_real", lambda *args: {"em_self": 0.0, "em_real": 0.0})
+    monkeypatch.setattr(ssrl, "pretrain", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ssrl, "measure", lambda *args: {
+        "heldout": {"hop_recall": hop_, "hop_recall_by_relation": {}, "copy": copy_}})
+    monkeypatch.setattr(ssrl, "sim_to_real", lambda *args: {})
     cfg = ssrl.Config(n_people=36, n_traj=12, n_heldout=8, n_cities=6, n_employers=4, d_model=16,
                       n_layer=1, n_head=2)
-    out = ssrl.run_seed(cfg, 0, torch.device("cpu"))
-    assert out["gate"]["hop_recall"] == hop and out["gate"]["copy"] == copy_
+    out = ssrl.pretrain_seed(ssrl.SeedJob(cfg, 0))
+    assert out["gate"]["hop_recall"] == hop_ and out["gate"]["copy"] == copy_
     assert out["gate"]["passed"] is passed
+    assert set(out["weights"]) >= {"tok.weight", "pos.weight"}
