@@ -31,7 +31,7 @@ Key equations (symbols as in the code):
     metrics     SR = mean 1[met = total];  GC = sum met / sum total  (goal conditions = core steps)
 
 Run:
-    python msi_agent.py              # the whole comparison, 3 seeds as jobs on every core
+    python msi_agent.py              # the comparison: 3 seeds + 7 applier-only seeds, as jobs
     python msi_agent.py --smoke      # the same code path at a tiny size, in seconds
     python msi_agent.py --data tasks.jsonl   # your own in-domain test tasks
 
@@ -104,6 +104,7 @@ class Config:
     n_head: int = 4  # attention heads
     max_lines: int = 30  # most rule lines the planner is trained to read
     seeds: int = 3  # exploration / test-task seeds, one job each (the planner is trained once)
+    extra_seeds: int = 7  # more seeds, one job each, on which the rule applier plays every arm
     explore_episodes: int = 16000  # exploration episodes in the four training rooms
     explore_p: float = 0.5  # chance the explorer runs each valid extra action before a core step
     pair_batch: int = 64  # experiences per insight-generation batch
@@ -119,6 +120,7 @@ class Config:
         for name in positive:
             value = getattr(self, name)
             require(value > 0, f"--{name.replace('_', '-')} {value}: must be positive")
+        require(self.extra_seeds >= 0, f"--extra-seeds {self.extra_seeds}: must be 0 or more")
         require(self.workers >= 0, f"--workers {self.workers}: must be 0 (one per core) or more")
         require(self.n_embd % self.n_head == 0,
                 f"--n-embd {self.n_embd}: must be a multiple of --n-head")
@@ -1311,47 +1313,98 @@ class SeedJob(typing.NamedTuple):
     cfg: Config
     seed: int  # exploration and test-task seed
     device: str
-    planner: dict  # the trained planner's state_dict
+    planner: typing.Optional[dict]  # the trained planner's state_dict; None: rule applier only
     test_in: typing.Optional[list]  # the user's in-domain test tasks, or None: sampled
     db_path: str  # this job's own SQLite file for the MSI store, or ":memory:"
 
 
-def run_seed(job):
-    """One seed, one job: exploration, three insight stores, every arm in and out of domain,
-    controls, the budget sweep and the sequential domain shift."""
-    start = time.time()
-    cpu_start = time.process_time()
+class World(typing.NamedTuple):
+    """One seed's insight stores (rows), induction counts, test tasks, and its generator."""
+    rng: random.Random
+    rows: dict
+    induction: dict
+    test_in: list
+    test_ood: list
+
+
+def explore_and_induce(job):
+    cfg = job.cfg
+    rng = random.Random(job.seed)  # every draw of this job (the planner is trained already)
+    episodes = [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p)
+                for _ in range(cfg.explore_episodes)]
+    rows, induction = induce(cfg, episodes, job.db_path)
+    test_in = job.test_in or [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
+    test_ood = [sample_task(rng, OOD_ROOM) for _ in range(cfg.eval_episodes)]
+    return World(rng, rows, induction, test_in, test_ood)
+
+
+def run_headline_seed(job, start):
+    """Every arm in and out of domain (learned planner and applier), controls, the budget sweep
+    and the sequential domain shift."""
     cfg = job.cfg
     device = torch.device(job.device)
     model = Planner(cfg.n_embd, cfg.n_layer, cfg.n_head, planner_max_len(cfg)).to(device)
     model.load_state_dict(job.planner)
     model.eval()
-    rng = random.Random(job.seed)  # every draw of this job (the planner is trained already)
-    episodes = [explore(rng, sample_task(rng, rng.choice(ROOMS)), cfg.explore_p)
-                for _ in range(cfg.explore_episodes)]
-    rows, induction = induce(cfg, episodes, job.db_path)
+    world = explore_and_induce(job)
+    rows = world.rows
     log_progress(1, 4, start, seed=job.seed, stage="insights induced")
-    test_in = job.test_in or [sample_task(rng, rng.choice(ROOMS)) for _ in range(cfg.eval_episodes)]
-    test_ood = [sample_task(rng, OOD_ROOM) for _ in range(cfg.eval_episodes)]
-    res = {"arms": {}, "induction": induction,
+    res = {"arms": {}, "induction": world.induction,
            "recall": {name: rule_recall(r) for name, r in rows.items()}}
     for name, arm in ARMS.items():
-        res["arms"][name] = arm_metrics(rows[arm.store], test_in, test_ood, arm.selection,
-                                        cfg.budget, model, device)
+        res["arms"][name] = arm_metrics(rows[arm.store], world.test_in, world.test_ood,
+                                        arm.selection, cfg.budget, model, device)
     log_progress(2, 4, start, seed=job.seed, stage="arms",
                  msi_hashmap_sr=res["arms"]["msi_hashmap"]["sr"])
-    res["controls"] = controls(cfg, rows, test_in, test_ood, model, device)
+    res["controls"] = controls(cfg, rows, world.test_in, world.test_ood, model, device)
     res["budget_sweep"] = {}
     for budget in cfg.sweep.split(","):
         res["budget_sweep"][budget] = {
-            name: success_rate(evaluate(rows[ARMS[name].store], test_in, ARMS[name].selection,
-                                        int(budget)))
+            name: success_rate(evaluate(rows[ARMS[name].store], world.test_in,
+                                        ARMS[name].selection, int(budget)))
             for name in SWEEP_ARMS}
     log_progress(3, 4, start, seed=job.seed, stage="controls and budget sweep")
-    res["domain_shift"] = domain_shift(cfg, rng, model, device)
+    res["domain_shift"] = domain_shift(cfg, world.rng, model, device)
     log_progress(4, 4, start, seed=job.seed, stage="domain shift")
+    return res
+
+
+def run_applier_seed(job, start):
+    """An extra seed: every arm in and out of domain, planned by the rule applier alone."""
+    world = explore_and_induce(job)
+    arms = {}
+    for name, arm in ARMS.items():
+        rows = world.rows[arm.store]
+        sr = success_rate(evaluate(rows, world.test_in, arm.selection, job.cfg.budget))
+        ood_sr = success_rate(evaluate(rows, world.test_ood, arm.selection, job.cfg.budget))
+        arms[name] = {"sr": sr, "ood_sr": ood_sr}
+    log_progress(1, 1, start, seed=job.seed, stage="rule applier only",
+                 msi_hashmap_sr=arms["msi_hashmap"]["sr"])
+    return {"arms": arms}
+
+
+def run_seed(job):
+    """One seed, one job: a headline seed when it holds the planner, else an applier-only one."""
+    start = time.time()
+    cpu_start = time.process_time()
+    if job.planner is None:
+        res = run_applier_seed(job, start)
+    else:
+        res = run_headline_seed(job, start)
     res["cpu_s"] = time.process_time() - cpu_start
     return res
+
+
+def applier_table(seeds, headline, extra):
+    """Every arm's rule-applier SR per seed, in and out of domain: the headline seeds, then the
+    extra applier-only seeds."""
+    arms = {}
+    for name in ARMS:
+        sr = [r["arms"][name]["sr_rule_applier"] for r in headline]
+        ood_sr = [r["arms"][name]["ood_sr_rule_applier"] for r in headline]
+        arms[name] = {"sr": sr + [r["arms"][name]["sr"] for r in extra],
+                      "ood_sr": ood_sr + [r["arms"][name]["ood_sr"] for r in extra]}
+    return {"seeds": seeds, "headline_seeds": len(headline), "arms": arms}
 
 
 def mean_tree(trees):
@@ -1524,6 +1577,25 @@ def report_controls(res):
     ]
 
 
+def report_applier_seeds(table):
+    """Every arm on every seed with the rule applier, and how often each claim holds."""
+    arms = table["arms"]
+    n = len(table["seeds"])
+    lines = [f"## Every arm on {n} seeds, rule applier (the first {table['headline_seeds']} are "
+             f"the headline seeds), mean ± std [worst seed]", "",
+             "| arm | SR* | garage SR* |", "|---|---|---|"]
+    for name, arm in arms.items():
+        lines.append(f"| {name} | {spread(arm['sr'])} | {spread(arm['ood_sr'])} |")
+    hashmap = arms["msi_hashmap"]
+    over_vector = sum(np.greater(hashmap["sr"], arms["msi_vector"]["sr"]))
+    over_flat = sum(np.greater(hashmap["sr"], arms["flat"]["sr"]))
+    general_ood = sum(np.greater(arms["general_only"]["ood_sr"], hashmap["ood_sr"]))
+    lines += ["", f"msi_hashmap above msi_vector on {over_vector} of {n} seeds and above flat on "
+              f"{over_flat} of {n}; in the garage general_only above msi_hashmap on "
+              f"{general_ood} of {n}."]
+    return lines
+
+
 def report_sweep_and_shift(res):
     sweep = res["budget_sweep"]
     budgets = list(sweep)
@@ -1575,6 +1647,7 @@ def render_report(results):
     lines += report_verdicts(results) + [""]
     lines += report_arms(results["arms"]) + [""]
     lines += report_controls(results) + [""]
+    lines += report_applier_seeds(results["applier_seeds"]) + [""]
     lines += report_sweep_and_shift(results) + [""]
     lines += report_induction(results) + [""]
     lines += [f"Wall time {results['wall_s']:.0f} s; CPU time {results['cpu_time_s']:.0f} s "
@@ -1586,8 +1659,9 @@ def render_report(results):
 def run(cfg):
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 15), batch_size=16, n_embd=32,
-                                  seeds=min(cfg.seeds, 2), explore_episodes=300,
-                                  eval_episodes=16, sweep="3,8", shift_episodes=100, log_every=5)
+                                  seeds=min(cfg.seeds, 2), extra_seeds=min(cfg.extra_seeds, 1),
+                                  explore_episodes=300, eval_episodes=16, sweep="3,8",
+                                  shift_episodes=100, log_every=5)
     start = time.time()
     cpu_start = time.process_time()
     torch.manual_seed(cfg.seed)  # the planner's initialisation: the one draw from a global RNG
@@ -1600,13 +1674,18 @@ def run(cfg):
     model, exact = train_planner(cfg, device, planner_max_len(cfg))
     train_cpu = time.process_time() - cpu_start
     planner = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-    seeds = [cfg.seed + 1000 * k for k in range(cfg.seeds)]
-    db_paths = [os.path.join(cfg.out, "insights.sqlite")] + [":memory:"] * (len(seeds) - 1)
-    jobs = [SeedJob(cfg, seed, device.type, planner, test_in, path)
-            for seed, path in zip(seeds, db_paths)]
-    per_seed = run_jobs(run_seed, jobs, cfg.workers, device)
-    jobs_cpu = sum(result.pop("cpu_s") for result in per_seed)
-    results = summarize(per_seed, seeds)
+    seeds = [cfg.seed + 1000 * k for k in range(cfg.seeds + cfg.extra_seeds)]
+    jobs = []
+    for k, seed in enumerate(seeds):
+        headline = k < cfg.seeds  # the extra seeds run the rule applier only
+        db_path = os.path.join(cfg.out, "insights.sqlite") if k == 0 else ":memory:"
+        jobs.append(SeedJob(cfg, seed, device.type, planner if headline else None, test_in,
+                            db_path))
+    finished = run_jobs(run_seed, jobs, cfg.workers, device)
+    jobs_cpu = sum(result.pop("cpu_s") for result in finished)
+    per_seed = finished[:cfg.seeds]
+    results = summarize(per_seed, seeds[:cfg.seeds])
+    results["applier_seeds"] = applier_table(seeds, per_seed, finished[cfg.seeds:])
     results["recall_seed0"] = per_seed[0]["recall"]
     results["planner_plan_exact"] = exact
     results["paper_sr"] = PAPER_SR

@@ -243,6 +243,7 @@ def test_embed_text_by_hand():
     # "mug" twice, "cup" once (different buckets): entries 2 / sqrt(5) and 1 / sqrt(5)
     assert sorted(e[e > 0].tolist()) == pytest.approx([1 / 5 ** 0.5, 2 / 5 ** 0.5])
     assert not m.embed_text("").any()
+    assert m.embed_text("mug cup", dim=1).tolist() == [1.0]  # one bucket: (2) / 2
     with pytest.raises(ValueError):
         m.embed_text("mug", dim=0)
 
@@ -833,6 +834,10 @@ def _results():
             "domain_shift": shift, "budget_sweep": sweep, "paper_sr": m.PAPER_SR,
             "recall_seed0": {"msi": recall, "success": dict(recall, induced=40)},
             "induction": {"explore_sr": 0.2, "msi": store, "success": store, "flat": store},
+            "applier_seeds": {"seeds": [0, 1000, 2000], "headline_seeds": 2, "arms": {
+                name: {"sr": arm["per_seed"]["sr"] + [arm["sr"]],
+                       "ood_sr": arm["per_seed"]["ood_sr"] + [arm["ood_sr"]]}
+                for name, arm in arms.items()}},
             "wall_s": 12.0, "cpu_time_s": 20.0, "train_cpu_s": 5.0}
 
 
@@ -866,6 +871,11 @@ def test_render_report_verdicts_follow_the_numbers():
     # vector applier 0.6, hidden 0.7, hashmap 0.8: the shared objects cost 0.1 of the 0.2 gap
     assert "costs 0.100 of the 0.200 hashmap - vector gap" in report
     assert "general_only wins on every seed: yes" in report  # true rules: 0.7 > 0.6, both seeds
+    # three applier seeds: hashmap 0.7 0.9 0.8 vs vector 0.5 0.7 0.6 and flat 0.3: 3 of 3; garage
+    # general_only 0.7 vs hashmap 0.6 0.7 0.65: above on 2 of 3 (0.7 = 0.7 is not above)
+    assert "| msi_hashmap | 0.800 ± 0.082 [0.700] | 0.650 ± 0.041 [0.600] |" in report
+    assert ("msi_hashmap above msi_vector on 3 of 3 seeds and above flat on 3 of 3; in the garage "
+            "general_only above msi_hashmap on 2 of 3.") in report
     res["arms"]["msi_vector"]["per_seed"]["sr"] = [0.5, 0.95]  # one seed: hashmap - vector -0.05
     res["arms"]["general_only"]["ood_sr"] = 0.6
     res["domain_shift"]["msi"]["sr_drop"] = 0.4
@@ -875,3 +885,62 @@ def test_render_report_verdicts_follow_the_numbers():
     assert [line.split(": ")[1][:3] for line in flipped] == ["yes", "NO ", "yes", "NO ", "NO "]
     assert "the toy needs insights: NO" in m.render_report(res)
     assert "general_only wins on every seed: NO" in m.render_report(res)
+
+
+def test_applier_seed_equals_the_headline_seeds_applier(smoke):
+    out, res, tasks = smoke
+    table = res["applier_seeds"]
+    # --seeds 1 in the smoke fixture: one headline seed (0) and one applier-only seed (1000)
+    assert table["seeds"] == [0, 1000] and table["headline_seeds"] == 1
+    for name, arm in res["arms"].items():
+        assert table["arms"][name]["sr"][0] == arm["sr_rule_applier"]
+        assert table["arms"][name]["ood_sr"][0] == arm["ood_sr_rule_applier"]
+    # the same seed as an applier-only job gives the headline seed's applier numbers
+    cfg = m.Config(**dict(res["config"], out=str(out)))
+    job = m.SeedJob(cfg, 0, "cpu", None, tasks, ":memory:")
+    applier = m.run_seed(job)
+    assert {name: arm["sr"] for name, arm in applier["arms"].items()} == {
+        name: arm["sr_rule_applier"] for name, arm in res["arms"].items()}
+    assert {name: arm["ood_sr"] for name, arm in applier["arms"].items()} == {
+        name: arm["ood_sr_rule_applier"] for name, arm in res["arms"].items()}
+    # the extra column is what an applier-only job for seed 1000 gives
+    extra = m.run_seed(job._replace(seed=1000))
+    assert extra["arms"] == {name: {"sr": arm["sr"][1], "ood_sr": arm["ood_sr"][1]}
+                             for name, arm in table["arms"].items()}
+
+
+def test_induce_builds_three_stores_at_their_scales(tmp_path):
+    cfg = m.Config(pair_batch=8)
+    path = str(tmp_path / "store.sqlite")
+    rows, induction = m.induce(cfg, [WIN, FAIL, WIN2], path)
+    scopes = {name: {(r["rule"], r["scale"]) for r in store} for name, store in rows.items()}
+    # MSI (pair mode, one batch): WIN and WIN2 each paired with FAIL; both kitchen heat -> the
+    # kitchen; WIN2 took without grab knife: that rule is refuted, only open cabinet is added
+    assert scopes["msi"] == {("before take X, open cabinet", "environment")}
+    # success mode, scoped: every valid step before take, in the kitchen. "goto apple" (WIN2) is
+    # refuted by WIN's take potato, so its 'X' version is added; "goto potato" then finds it;
+    # "grab knife" is refuted by WIN2 at the kitchen and at subtask(heat)
+    assert scopes["success"] == {("before take X, goto X", "environment"),
+                                 ("before take X, open cabinet", "environment")}
+    # the flat store has one scale
+    assert scopes["flat"] == {("before take X, open cabinet", "general")}
+    assert induction["explore_sr"] == 0.0  # these hand episodes meet 0 of 1 goal conditions
+    assert induction["msi"]["experiences"] == 2
+    assert induction["success"]["experiences"] == 2
+    db = m.InsightDB(path)  # the MSI store and its three experiences are on disk
+    assert [r["rule"] for r in db.select()] == ["before take X, open cabinet"]
+    assert db.con.execute("SELECT count(*) FROM experiences").fetchone() == (3,)
+    db.close()
+
+
+def test_domain_shift_reports_each_stage_and_the_drop(monkeypatch):
+    cfg = m.Config(eval_episodes=2, shift_episodes=3, pair_batch=4)
+    rates = iter([0.9, 0.5, 0.2, 0.8, 0.6, 0.7])  # msi's three stages, then flat's
+    monkeypatch.setattr(m, "evaluate", lambda *args: [])
+    monkeypatch.setattr(m, "success_rate", lambda episodes: next(rates))
+    shift = m.domain_shift(cfg, random.Random(0), None, "cpu")
+    # drop = kitchen - after bedroom: 0.9 - 0.2 = 0.7; 0.8 - 0.7 = 0.1
+    assert shift["msi"] == pytest.approx({"sr_kitchen": 0.9, "sr_plus_livingroom": 0.5,
+                                          "sr_plus_bedroom": 0.2, "sr_drop": 0.7})
+    assert shift["flat"] == pytest.approx({"sr_kitchen": 0.8, "sr_plus_livingroom": 0.6,
+                                           "sr_plus_bedroom": 0.7, "sr_drop": 0.1})
