@@ -522,18 +522,26 @@ def test_smoke_run_results_and_bad_input(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-def test_a_job_is_its_own_seed():
+def test_a_job_is_its_own_seed_and_evaluates_its_model():
     # a job seeds itself: the same job twice, with other work between, gives the same numbers
     cfg = tiny_cfg(steps=3, eval_lens="64", head_len=64, top_heads=1, random_draws=1)
     first = fope.run_job(fope.Job(cfg, "rope", 1))
     fope.run_job(fope.Job(cfg, "fope", 2))
     again = fope.run_job(fope.Job(cfg, "rope", 1))
-    first.pop("cpu_time_s")
-    again.pop("cpu_time_s")
-    first.pop("step_time_s")
-    again.pop("step_time_s")
-    assert first == again and first["heads"] is not None
+    for out in (first, again):
+        assert out.pop("cpu_time_s") > 0 and out.pop("step_time_s") > 0
+    assert first == again and first["arm"] == "rope" and first["seed"] == 1
     assert fope.run_job(fope.Job(cfg, "cf_only", 1))["heads"] is None  # heads: rope and fope
+    # what it reports is the evaluation of the model train_arm gives for that seed: full
+    # attention, attention windowed to L_train = 32, heads scored beyond L_train (≥ 33 back)
+    data = fope.build_data(cfg, 1)
+    model = fope.train_arm("rope", cfg, data, torch.device("cpu"), 1)[0]
+    corpus = data.evals[64]
+    assert first["eval"]["64"] == fope.evaluate(model, corpus, 8 + 2, 4)
+    assert first["windowed"]["64"] == fope.evaluate(model, corpus, 10, 4, window=32)
+    assert first["windowed"]["64"] != first["eval"]["64"]
+    heads = fope.positional_heads(model, data.head, 33, 1, 1, 1)
+    assert first["heads"] == heads
 
 
 # --- the report ---
