@@ -621,12 +621,21 @@ def test_evaluate_a_scripted_policy_leaves_the_global_random_stream_alone():
     assert res["per_task"]["product_mark"]["strict"] == 0.0
     assert res["per_task"]["mark_cue"]["strict"] == 0.0
     assert res["train_per_task"]["two_hop"] == 1.0
+    torch.testing.assert_close(res["train_strict"], sum(res["train_per_task"].values()) / 5)
     theme = [res["per_task"][t]["strict"] for t in ("cue_theme", "mark_theme")]
     torch.testing.assert_close(res["one_hop_strict"], sum(theme) / 4)
     torch.testing.assert_close(res["strict"], (1 + sum(theme)) / 5)
     # scramble: two random frame words replace "m C"; the answer follows the scrambled cue
     assert res["scramble_two_hop"] < 1.0
     torch.testing.assert_close(res["scramble_drop"], 1.0 - res["scramble_two_hop"])
+    # "m" alone, then "m0": no full chain, every chain "m" only, nothing right
+    def mark_only(words):
+        if words[-1] in read_r.MARKS and "</think>" not in words:
+            return "</think>"
+        return solve(words)
+    res = read_r.evaluate(Scripted(tok, mark_only), tok, train, test, "reason", cfg, CPU, 0)
+    assert (res["full_chain_rate"], res["mark_only_rate"]) == (0.0, 1.0)
+    assert res["acc_given_full_chain"] is None and res["acc_given_no_full_chain"] == 0.0
     # answering at once: "m0" everywhere → 0, and no chain numbers
     direct = read_r.evaluate(model, tok, train, test, "direct", cfg, CPU, 0)
     assert direct["strict"] == 0.0 and "full_chain_rate" not in direct
@@ -823,9 +832,29 @@ def test_render_report_follows_the_numbers():
     assert "| 5 | 0.600 | 0.320 (sft) | 0.280 | 0.700 | 0.400 | 0.900 | met |" in text
     assert "missed: gate think_sft_two_hop 0.500 (needs >= 0.9); margin 0.100 (needs >= 0.2)" in text
     assert "| rl_think | 0.500 ± 0.100 [0.400] |" in text
+    # RL's gain over the base's greedy two-hop: 0.6 − 0.2 = 0.4 and 0.4 − 0.1 = 0.3
+    assert "gain over its base's greedy two-hop: 0.350 ± 0.050 [0.300]" in text
     # a seed that meets everything reads "met" on every seed
     res["seed_verdicts"][1].update(met=True, failed_gates=[], missed_goals=[])
     assert "met on 2 of 2 seeds [5, 6]" in read_r.render_report(res)
+
+
+def test_figure_draws_the_numbers():
+    jobs, outs = fake_outputs([5, 6])
+    res = read_r.summarise(read_r.Config(seed=5, seeds=2), jobs, outs)
+    res["arms"]["rl_think"]["per_task"]["two_hop"]["strict"] = 0.77
+    res["curves"][1]["rl_think"].update(full_chain_hits=[1, 4, 0], chain_n=[2, 4, 4])
+    bars, curves = read_r.figure(res).axes
+    # 6 arms × 5 types; rl_think (the last arm) at two_hop (the last type) is 0.77 high
+    heights = [patch.get_height() for patch in bars.patches]
+    assert len(heights) == 30 and heights[-1] == 0.77
+    assert heights[:5] == [0.25] * 5  # base_direct, every type
+    # the chance line at 0.25; seed 6's full chain rate over a 10-step window: cumulative
+    # 1/2, (1 + 4)/(2 + 4) = 5/6, 5/10
+    assert list(bars.lines[0].get_ydata()) == [0.25, 0.25]
+    torch.testing.assert_close(list(curves.lines[1].get_ydata()), [0.5, 5 / 6, 0.5])
+    assert list(curves.lines[1].get_xdata()) == [1, 2, 3]
+    assert curves.get_ylim() == (0, 1)
 
 
 # --- the jobs and the script ---
