@@ -36,10 +36,10 @@ Run:
     python msi_agent.py --data tasks.jsonl   # your own in-domain test tasks
 
 Headline (the record: results/msi_agent/results.md): in domain msi_hashmap solves 0.879 of tasks
-(worst seed 0.868) against msi_vector 0.715, flat 0.265 and none 0.132 (ceiling 1.000); in the
-held-out garage general_only (0.704) does NOT beat msi_hashmap (0.727); under domain shift the flat
-store's kitchen SR falls by 0.365 and MSI's does not fall. The learned planner writes the rule
-applier's plan on >= 99 % of tasks: the mechanisms live in induction and selection.
+(worst seed 0.868) vs msi_vector 0.715, flat 0.265, none 0.132 (ceiling 1.000), above vector and
+flat on each of 10 seeds; in the held-out garage general_only (0.704) does NOT beat msi_hashmap
+(0.727; above it on 5 of 10 seeds); under domain shift flat's kitchen SR falls 0.365, MSI's does
+not. The planner writes the rule applier's plan on >= 99 % of tasks (it stands in for the LLM).
 
 Deviations from the paper (and its official code):
 - No LLM. A rule contrasts the failure's first failing step with the valid steps the paired success
