@@ -505,6 +505,9 @@ def test_knowledge_base_gives_each_triplet_exactly_its_templates():
     assert tokens.shape[0] == len(prompts) == answers.shape[0]
     assert "<bos>" in vocab and "<pad>" in vocab and len(set(vocab)) == len(vocab)
     assert [vocab[int(a)] for a in answers] == [" " + p["answer"] for p in prompts]
+    # every word is one token: the non-pad tokens of a prompt are its words
+    pad = vocab.index("<pad>")
+    assert (tokens != pad).sum(1).tolist() == [len(p["text"].split()) for p in prompts]
     # left-padded: every prompt ends at the last column
     assert [vocab[int(t)] for t in tokens[0, -2:]] == [" capital", " :"]
 
@@ -604,6 +607,129 @@ def test_training_fits_the_trained_prompts():
         after = torch.nn.functional.cross_entropy(model(tokens), answers)
     assert float(after) < 0.1 * float(before)
     assert len(calls) == 2  # steps 30 and 60
+
+
+def test_cosine_lr_hand_values():
+    # warm-up 10 of 100 steps, lr 1: step 0 -> 1/10, step 9 -> 10/10; then cosine to lr / 10:
+    # step 10 (progress 0) -> 1, step 55 (progress 45/90 = 1/2) -> 0.1 + 0.5 · 1 · 0.9 = 0.55,
+    # step 100 (progress 1) -> 0.1
+    assert hl.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert hl.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert hl.cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert hl.cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.55)
+    assert hl.cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert hl.cosine_lr(150, 100, 2.0, 10) == pytest.approx(0.2)  # progress capped at 1
+
+
+def test_train_is_adamw_on_the_answer_token_with_the_schedule():
+    # the same steps written out: warm-up max(1, 40 // 20) = 2 steps, AdamW with betas
+    # (0.9, 0.98), batches drawn from the trained rows only by a generator seeded with the seed
+    tokens = torch.randint(0, 11, (16, 5), generator=torch.Generator().manual_seed(0))
+    answers = torch.arange(16) % 11
+    train_idx = torch.arange(0, 16, 2)  # only the even prompts are trained
+    cfg = hl.Config(steps=40, batch_size=4, lr=1e-2, weight_decay=0.1, log_every=40)
+    model = tiny_model().train()
+    reference = tiny_model().train()
+    hl.train(model, tokens, answers, train_idx, cfg, 5, torch.device("cpu"), dict)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(5)
+    for step in range(40):
+        for group in opt.param_groups:
+            group["lr"] = hl.cosine_lr(step, 40, 1e-2, 2)
+        idx = train_idx[torch.randint(8, (4,), generator=gen)]
+        loss = torch.nn.functional.cross_entropy(reference(tokens[idx]), answers[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_close(p, q)
+
+
+def test_train_logs_every_log_every_steps(capsys):
+    # 4 steps, log_every 2: lines at steps 2 and 4, each with the seed and the on_log metrics
+    tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
+    cfg = hl.Config(steps=4, batch_size=4, log_every=2)
+    hl.train(tiny_model(), tokens, torch.arange(8), torch.arange(8), cfg, 7,
+             torch.device("cpu"), lambda: {"acc": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[0].split() for line in lines] == [["step", "2/4"], ["step", "4/4"]]
+    assert all("seed 7" in line and "acc 0.5" in line for line in lines)
+
+
+def hand_prompt_set(n_facts=2):
+    """n_facts facts x 4 templates (templates 0-1 trained, 2-3 held out), then one alias link;
+    fact f belongs to subject s{f}, the link to s0. Tokens: 9 random prompts of length 5."""
+    fact_id = []
+    template = []
+    for f in range(n_facts):
+        fact_id += [f] * 4
+        template += [0, 1, 2, 3]
+    fact_id = torch.tensor(fact_id + [-1])
+    template = torch.tensor(template + [-1])
+    n = len(fact_id)
+    tokens = torch.randint(0, 11, (n, 5), generator=torch.Generator().manual_seed(3))
+    return hl.PromptSet(tokens=tokens, answers=torch.zeros(n, dtype=torch.long), fact_id=fact_id,
+                        template=template, is_train=(template <= 1) | (fact_id < 0),
+                        subjects=[f"s{max(int(f), 0)}" for f in fact_id], n_facts=n_facts,
+                        vocab_size=11)
+
+
+def test_track_knowledge_reads_the_model_now():
+    # answers set so that fact 0 is right through all four templates, fact 1 through template 0
+    # only, and the link is wrong: mixed facts 1 of 2; trained fact prompts (templates 0-1):
+    # f0 t0, f0 t1, f1 t0 right, f1 t1 wrong -> 3/4 (the wrong link does not count)
+    model = tiny_model()
+    data = hand_prompt_set()
+    with torch.no_grad():
+        top = model.eval()(data.tokens).argmax(-1)  # (9,)
+    right = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0]).bool()
+    data.answers = torch.where(right, top, (top + 1) % 11)
+    history = [{"mixed_share": 1.0, "acc_train": 0.0}]
+    line = hl.track_knowledge(model, data, torch.device("cpu"), history)
+    assert line == {"mixed_share": 0.5, "acc_train": 0.75}
+    assert history[-1] == line and len(history) == 2
+    record = hl.knowledge_record(data, right, history)
+    assert record["mixed_share"] == 0.5 and record["all_right_share"] == 0.5
+    assert record["all_wrong_share"] == 0.0 and record["link_accuracy"] == 0.0
+    by_template = list(record["by_template"].values())
+    # t0: trained f0, f1 right -> 1; t1: trained f0 right, f1 wrong -> 0.5; t2, t3 held out 1/2
+    assert by_template == [{"trained": 1.0, "held_out": None}, {"trained": 0.5, "held_out": None},
+                           {"trained": None, "held_out": 0.5}, {"trained": None, "held_out": 0.5}]
+    assert record["during_training"] is history
+
+
+def test_detect_builds_both_settings_from_the_right_prompts():
+    # 8 facts (one subject each) x 4 templates + a link; prompt (f, t) is right if t <= 1, or
+    # t == 2 and f < 3; facts 6, 7 are wrong everywhere (unknown, left out). Known facts 0-5 are
+    # all mixed (t3 is wrong): all prompts = 24, wrong = 3 (t2, f 3-5) + 6 (t3) = 9. Unseen =
+    # known and held out (t2, t3): 12 prompts, right 3 (t2, f 0-2), wrong 9
+    data = hand_prompt_set(8)
+    f = data.fact_id
+    t = data.template
+    right = (t <= 1) | ((t == 2) & (f < 3))
+    right[f >= 6] = False
+    right[f < 0] = True  # the link
+    data.answers = torch.ones(len(f), dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    out_curve = torch.randn(len(f), 3, generator=g)
+    lenses = hl.Lenses(logit=readout(out_curve, torch.randn(len(f), 3, generator=g),
+                                     out=torch.where(right, 1, 2)),
+                       tuned=readout(out_curve, torch.randn(len(f), 3, generator=g)))
+    result = hl.detect(hl.Config(n_folds=2), 0, data, lenses)
+    unseen = result["detector"]["unseen_prompts"]
+    every = result["detector"]["all_prompts"]
+    assert (unseen["n_samples"], unseen["n_hallucinations"]) == (12, 9)
+    assert (every["n_samples"], every["n_hallucinations"]) == (24, 9)
+    cases = result["cases"]
+    counts = [cases["unseen_prompts"][c]["n"] for c in ("success", "fail", "hallucination")]
+    assert counts == [3, 9, 9]
+    assert cases["all_prompts"]["success"]["n"] == 15
+    # too few right answers for 2 folds on unseen prompts when only one is right: no detector
+    right[(t == 2) & (f > 0)] = False
+    lenses = lenses._replace(logit=lenses.logit._replace(out=torch.where(right, 1, 2)))
+    result = hl.detect(hl.Config(n_folds=2), 0, data, lenses)
+    assert result["detector"]["unseen_prompts"] is None
+    assert result["cases"]["unseen_prompts"]["success"]["n"] == 1
 
 
 # --- the whole run and its record ---
@@ -728,6 +854,22 @@ def test_render_report_verdicts_follow_the_numbers():
     assert "no verdict" in hl.render_report(fake_results([no_unseen]))
 
 
+def test_render_report_verdicts_at_their_boundaries():
+    # the rules are inclusive: worst seed exactly 0.55 is above chance; a gain of exactly +0.02
+    # counts; trained exactly 0.95 passes the gate; a margin of exactly 0 is not "ahead"
+    edge = hl.render_report(fake_results([fake_seed(0.55, 0.02, 0.0)], trained=0.95))
+    assert "above chance (0.5) clearly" in verdict_line(edge, "- Curve detector vs chance")
+    assert "ahead in 0 of 1 seeds (+0.000)" in verdict_line(edge, "- Curve detector vs the better")
+    assert ">= +0.02 in 1 of 1 seeds" in verdict_line(edge, "- Template + curve")
+    assert "passed" in verdict_line(edge, "Gate:")
+    # held-out 0.93 within 0.1 of trained 1.0: phrasing does not decide -> failed
+    close = hl.render_report(fake_results([fake_seed(0.6, 0.03)], held_out=0.93))
+    assert "failed" in verdict_line(close, "Gate:")
+    # table separators: 5 + 4 template columns, 4 + 2 point columns
+    assert "\n|---|---|---|---|---|---|---|---|---|\n" in close
+    assert "\n|---|---|---|---|---|---|\n" in close
+
+
 def test_smoke_writes_the_record(tmp_path):
     res = hl.main(["--smoke", "--workers", "1", "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
@@ -749,7 +891,7 @@ def test_smoke_writes_the_record(tmp_path):
         assert 0 <= k["link_accuracy"] <= 1
     assert os.path.exists(os.path.join(tmp_path, "hallucination_lens.png"))
     assert set(saved["arms"]) == set(hl.DETECTORS)
-    assert len(saved["points"]) == 1 + 2 * 2
+    assert saved["points"] == ["emb", "attn1", "mlp1", "attn2", "mlp2"]
     for name in ("unseen_prompts", "all_prompts"):
         d = saved["detector"][name]
         for key in ("curve", "final_prob", "entropy", "within_bin_auroc",
