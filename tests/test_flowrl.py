@@ -706,7 +706,8 @@ def hand_results(flow_accuracy, detached_distinct):
             "kl_pg": {"coef": 0.25, **summarise([seed_row(0.96, 130, 0.01),
                                                  seed_row(0.97, 110, 0.01),
                                                  seed_row(0.98, 150, 0.01)])},
-            "grpo": {"coef": 0.001, **summarise([seed_row(0.99, d) for d in (1, 2, 3)])}}
+            "grpo": {"coef": 0.001, **summarise([seed_row(0.99, d) for d in (1, 2, 3)])},
+            "grpo_kl": {"coef": 0.25, **summarise([seed_row(0.9, d) for d in (90, 100, 110)])}}
     cfg = flowrl.Config(betas="1,2", frontier_seeds=2)
     runs = {}
     for family, points in flowrl.frontier_arms(cfg).items():
@@ -748,19 +749,23 @@ def test_render_report_verdict_follows_the_numbers():
     assert "- " + verdict[0] + "\n" in report
     assert "FlowRL − kl_pg -0.050, beyond the seed spread (std 0.020)" in verdict[0]
     assert "-10.0, inside the seed spread (std 20.0)" in verdict[0]
-    assert verdict[1] == "Beyond the seed spread: kl_pg is ahead on accuracy by 0.05."
-    assert verdict[4] == ("FlowRL keeps more distinct valid answers than kl_pg at 1 of 2 matched "
+    assert verdict[1] == ("Beyond the seed spread: kl_pg is ahead on accuracy by 0.05; on distinct "
+                          "valid answers neither is ahead.")
+    # grpo_kl at kl_pg's weight 0.25: distinct 100 ± 10 vs 130 ± 20 → −30, beyond the spread 20
+    assert verdict[2].endswith("distinct valid 100.0, grpo_kl − kl_pg -30.0, beyond the seed "
+                               "spread (std 20.0).")
+    assert verdict[5] == ("FlowRL keeps more distinct valid answers than kl_pg at 1 of 2 matched "
                           "weights, beyond the seed spread at 1.")
-    assert "+60.0, beyond the seed spread (std 20.0)" in verdict[5]
-    assert "cutting that path helps beyond the seed spread" in verdict[6]
-    assert "flowrl 60%, flowrl_detached 50%, kl_pg 1%, grpo 10%" in verdict[7]
-    assert "the most diverse arm, flowrl_detached, keeps 180.0" in verdict[8]
-    assert "keeps 2.0 distinct valid answers: without a KL the toy collapses" in verdict[9]
-    assert "flowrl 0.001 against 0.960 for p* and 0.480" in verdict[10]
+    assert "+60.0, beyond the seed spread (std 20.0)" in verdict[6]
+    assert "cutting that path helps beyond the seed spread" in verdict[7]
+    assert "flowrl 60%, flowrl_detached 50%, kl_pg 1%, grpo 10%, grpo_kl 10%." in verdict[8]
+    assert "the most diverse arm, flowrl_detached, keeps 180.0" in verdict[9]
+    assert "keeps 2.0 distinct valid answers: without a KL the toy collapses" in verdict[10]
+    assert "flowrl 0.001 against 0.960 for p* and 0.480" in verdict[11]
     # equal accuracy, detached no different: neither is ahead, cutting log Z changes nothing
     verdict = flowrl.verdict_lines(hand_results([0.96, 0.97, 0.98], [100, 140, 120]))
     assert verdict[1].startswith("Neither is ahead beyond the seed spread")
-    assert "changes nothing beyond the seed spread" in verdict[6]
+    assert "changes nothing beyond the seed spread" in verdict[7]
 
 
 def test_smoke_writes_the_record(tmp_path):
