@@ -270,6 +270,18 @@ def test_logreg_weights_the_rare_class_up():
     assert not bool(clf.score(torch.tensor([[0.0]])) > 0)
 
 
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_classifier_runs_newton_to_convergence_past_a_constant_feature(kind):
+    # a constant column standardizes to 0: its step is 0 from the first iteration on, yet the
+    # informative weight must still converge to what it is without that column
+    X, y = overlapping_classes(None)
+    with_constant = torch.cat([X, torch.ones(120, 1, dtype=torch.float64)], 1)
+    clf = hl.train_linear_classifier(X, y, kind)
+    clf_constant = hl.train_linear_classifier(with_constant, y, kind)
+    assert_close(clf_constant.w[:2], clf.w, atol=1e-6, rtol=0)
+    assert float(clf_constant.w[2]) == 0.0
+
+
 # --- splits and detectors ---
 
 
@@ -460,6 +472,9 @@ def test_seed_stat_and_the_verdict_rule():
     assert not hl.curve_adds_information([below])
     missing = {**seed, "within_bin_template_auroc": {"curve": None, "final_prob": 0.5}}
     assert not hl.curve_adds_information([missing])
+    # the AUROC bound is inclusive: exactly 0.55 (above the final probability's 0.5) passes
+    edge = {**seed, "within_bin_template_auroc": {"curve": 0.55, "final_prob": 0.5}}
+    assert hl.curve_adds_information([edge])
 
 
 # --- knowledge base ---
@@ -845,6 +860,14 @@ def test_render_report_verdicts_follow_the_numbers():
     high_fail["cases"]["unseen_prompts"]["fail"]["top1_rate"] = 0.51
     sep = hl.render_report(fake_results([high_fail]))
     assert "no clear separation" in verdict_line(sep, "Top-1 at an intermediate point")
+    high_fail["cases"]["unseen_prompts"]["fail"]["top1_rate"] = 0.5  # 0.6 > 0.5 + 0.1 is false
+    sep = hl.render_report(fake_results([high_fail]))
+    assert "no clear separation" in verdict_line(sep, "Top-1 at an intermediate point")
+    no_cell = fake_seed(0.8, 0.03)
+    no_cell["detector"]["unseen_prompts"]["within_bin_template_auroc"]["curve"] = None
+    report = hl.render_report(fake_results([no_cell]))
+    assert "curve 0.700 vs final p" not in report  # no cell AUROC of the curve: no such line
+    assert "curve_adds_information: false" in report
     cell_tie = fake_seed(0.8, 0.03)
     cell_tie["detector"]["unseen_prompts"]["within_bin_template_auroc"]["final_prob"] = 0.6
     tie = hl.render_report(fake_results([cell_tie]))
