@@ -443,7 +443,10 @@ def test_evaluate_detectors_final_probability_baseline_and_bins():
     assert res["within_bin_auroc"]["final_prob"] == 1.0
     assert res["within_bin_template_auroc"]["final_prob"] == 1.0
     assert res["confident_hallucination_share"] == 0.0
-    # label "p >= 0.5 and the template is 0": every hallucination is confident
+    # label "p >= 0.5 and the template is 0": every hallucination is confident, also one whose
+    # final log-odds are exactly 0 (p = 0.5 counts as confident)
+    features["final_prob"][0, 0] = 0.0  # prompt 0 has template 0
+    final_prob = features["final_prob"][:, 0].sigmoid()
     y = ((final_prob >= 0.5) & (template == 0)).long()
     res = hl.evaluate_detectors(features, y, folds, template)
     assert res["confident_hallucination_share"] == 1.0
