@@ -431,45 +431,56 @@ def test_a_non_finite_loss_stops_the_run_at_its_step():
 
 def test_train_base_readiness_with_thinking_then_warm_start_with_a_fresh_optimizer(monkeypatch):
     # stand-ins record what the base's training asks for
-    cfg = read_r.Config(base_steps=11, warm_traces=5, warm_batch=2, batch=6, n_embd=16, n_head=2)
+    cfg = read_r.Config(base_steps=11, warm_traces=5, warm_max=13, warm_batch=2, batch=6,
+                        n_embd=16, n_head=2)
     calls = []
     asked_modes = set()
     asked_types = set()
     accuracy = [cfg.base_target]
+    forced = [cfg.warm_target]
 
     def fake_sft(model, tok, sample, steps, lr, device, tag, ready=None):
         rows, modes = sample(1)
-        calls.append((tag.arm, steps, lr, sorted({(r["type"], m) for r, m in zip(rows, modes)})))
-        if ready is None:
-            return steps
+        calls.append((tag.arm, steps, lr, tag.log_every,
+                      sorted({(r["type"], m) for r, m in zip(rows, modes)})))
+        accuracy[0] = cfg.base_target
+        forced[0] = cfg.warm_target
         answers = [ready(model)]
         accuracy[0] = cfg.base_target - 0.01
+        forced[0] = cfg.warm_target - 0.01
         answers.append(ready(model))
         assert answers == [True, False]  # ready at exactly the target, not below
-        return 9
+        return 9 if tag.arm == "base" else 4
 
     def fake_accuracy(model, tok, rows, mode, cfg, device):
         asked_modes.add(mode)
         asked_types.update(r["type"] for r in rows)
         return accuracy[0]
+
+    def fake_forced(model, tok, rows, cfg, device):
+        asked_types.update("forced " + r["type"] for r in rows)
+        return forced[0]
     monkeypatch.setattr(read_r, "sft_train", fake_sft)
     monkeypatch.setattr(read_r, "greedy_accuracy", fake_accuracy)
-    base, steps = read_r.train_base(read_r.Tokenizer(), cfg, CPU, 0)
-    assert steps == 9 and isinstance(base, read_r.GPT)
+    monkeypatch.setattr(read_r, "forced_chain_accuracy", fake_forced)
+    base = read_r.train_base(read_r.Tokenizer(), cfg, CPU, 0)
+    # 9 one-hop steps; the warm-start's 4 steps of 2 two-hop traces = 8 traces
+    assert (base.steps, base.warm_traces) == (9, 8) and isinstance(base.model, read_r.GPT)
     # readiness: one-hop questions answered after their trace only (answering at once is no part
-    # of the chain), 32 ads × 4 one-hop types
-    assert asked_modes == {"reason"} and asked_types == set(read_r.ONE_HOP)
-    # the base: one-hop only at lr_base; the warm-start: ceil(5 / 2) = 3 steps at lr_warm, two-hop
-    # questions in both modes beside the one-hop ones
-    assert [c[:3] for c in calls] == [("base", 11, cfg.lr_base), ("warm-start", 3, cfg.lr_warm)]
-    assert "two_hop" not in {t for t, m in calls[0][3]}
-    assert {("two_hop", "reason"), ("two_hop", "direct")} <= set(calls[1][3])
+    # of the chain), 32 ads × 4 one-hop types; the warm-start's: two-hop with "m C" forced
+    assert asked_modes == {"reason"} and asked_types == set(read_r.ONE_HOP) | {"forced two_hop"}
+    # the base: one-hop only at lr_base; the warm-start: at most ceil(13 / 2) = 7 steps at lr_warm
+    # (a fresh optimizer), checked every ceil(5 / 2) = 3 steps, two-hop questions in both modes
+    # beside the one-hop ones
+    assert [c[:4] for c in calls] == [("base", 11, cfg.lr_base, cfg.log_every),
+                                      ("warm-start", 7, cfg.lr_warm, 3)]
+    assert "two_hop" not in {t for t, m in calls[0][4]}
+    assert {("two_hop", "reason"), ("two_hop", "direct")} <= set(calls[1][4])
     # no warm-start when warm_traces is 0
     calls.clear()
-    accuracy[0] = cfg.base_target
-    read_r.train_base(read_r.Tokenizer(), read_r.Config(warm_traces=0, base_steps=2, batch=2,
-                                                        n_embd=16, n_head=2), CPU, 0)
-    assert [c[0] for c in calls] == ["base"]
+    base = read_r.train_base(read_r.Tokenizer(), read_r.Config(warm_traces=0, base_steps=2,
+                                                               batch=2, n_embd=16, n_head=2), CPU, 0)
+    assert [c[0] for c in calls] == ["base"] and base.warm_traces == 0
 
 
 def test_train_gate_direct_fixed_steps_think_until_target(monkeypatch):
@@ -735,7 +746,7 @@ def test_failed_checks_at_the_thresholds():
 def gate_of(**changes):
     gate = {"base_pass_at_8": 0.6, "base_full_chain_rate": 0.1, "forced_chain_accuracy": 0.9,
             "direct_two_hop": 0.3, "think_sft_two_hop": 0.95, "base_greedy_two_hop": 0.2,
-            "base_steps": 400}
+            "base_steps": 400, "warm_traces": 256}
     gate.update(changes)
     return gate
 
@@ -829,7 +840,8 @@ def test_render_report_follows_the_numbers():
     text = read_r.render_report(json.loads(json.dumps(res)))
     assert "margin rl_think − best direct: 0.190 ± 0.090 [0.100]" in text
     assert "gates and goals met on 1 of 2 seeds [5]" in text
-    assert "| 5 | 0.600 | 0.320 (sft) | 0.280 | 0.700 | 0.400 | 0.900 | met |" in text
+    assert "| 5 | 0.600 | 0.320 (sft) | 0.280 | 0.400 | 0.700 | 0.400 | 0.900 | met |" in text
+    assert "RL raised two-hop above its base's on 2 of 2 seeds [5, 6]" in text
     assert "missed: gate think_sft_two_hop 0.500 (needs >= 0.9); margin 0.100 (needs >= 0.2)" in text
     assert "| rl_think | 0.500 ± 0.100 [0.400] |" in text
     # RL's gain over the base's greedy two-hop: 0.6 − 0.2 = 0.4 and 0.4 − 0.1 = 0.3
@@ -837,6 +849,9 @@ def test_render_report_follows_the_numbers():
     # a seed that meets everything reads "met" on every seed
     res["seed_verdicts"][1].update(met=True, failed_gates=[], missed_goals=[])
     assert "met on 2 of 2 seeds [5, 6]" in read_r.render_report(res)
+    # a seed whose base was already above rl_think (0.4 < 0.45) is not counted as raised
+    res["gate_per_seed"][1]["base_greedy_two_hop"] = 0.45
+    assert "RL raised two-hop above its base's on 1 of 2 seeds [5]" in read_r.render_report(res)
 
 
 def test_figure_draws_the_numbers():
@@ -900,7 +915,8 @@ def test_arms_job_wiring(monkeypatch):
         evals.append(mode)
         v = len(evals) / 10
         return {"two_hop_strict": v, "full_chain_rate": v + 0.01}
-    monkeypatch.setattr(read_r, "train_base", lambda tok, cfg, device, seed: (base, 9))
+    monkeypatch.setattr(read_r, "train_base",
+                        lambda tok, cfg, device, seed: read_r.Base(base, 9, 24))
     monkeypatch.setattr(read_r, "sft_train", fake_sft)
     monkeypatch.setattr(read_r, "grpo_train", fake_grpo)
     monkeypatch.setattr(read_r, "evaluate", fake_eval)
@@ -912,7 +928,7 @@ def test_arms_job_wiring(monkeypatch):
     # forced on the 2 test ones, its sampled full-chain rate and greedy two-hop
     assert res["gate"] == {"base_pass_at_8": 24, "base_full_chain_rate": 0.11,
                            "forced_chain_accuracy": 2, "base_greedy_two_hop": 0.1,
-                           "base_steps": 9}
+                           "base_steps": 9, "warm_traces": 24}
     # every arm trains on the two-hop training questions only, from a copy of the base
     assert sft_calls == [("sft", 7, cfg.lr_sft, {"direct"}, {"two_hop"}),
                          ("sft_trace", 7, cfg.lr_sft, {"reason"}, {"two_hop"})]
@@ -939,6 +955,7 @@ def test_smoke_writes_its_record(tmp_path):
     assert set(saved["gate_per_seed"][0]) >= {c.key for c in read_r.GATES} | {
         "base_greedy_two_hop"}
     tiny = {"steps": 3, "seeds": 1, "gate_steps": 3, "think_gate_steps": 3, "base_steps": 4,
+            "warm_traces": 4, "warm_max": 8,
             "batch": 8, "n_train": 2, "n_test": 3, "prompts": 4, "group": 4, "pass_k": 2}
     assert {k: saved["config"][k] for k in tiny} == tiny
     assert len(saved["curves"][0]["rl_think"]["reward"]) == 3
