@@ -12,6 +12,10 @@ see each other, are bidirectional inside, and the image sees the text, every pre
 own past; (3) training samples random condition subsets and drops all conditions and the text now
 and then (CFG). WorldGenBench scores an image by yes/no checklist items, many implied by world
 knowledge; here a pixel-rule judge, and toy-world rules the text implies (night => moon).
+The test: training sees single maps and the pairs E+D, D+K, never E+K or E+D+K. D alone pins the
+layout, so 96 needs-both scenes (two bars) are drawn where, by enumeration, neither E nor K alone can
+and E+K can; a seed's margin is its unseen E+K fidelity minus the best single-map ceiling. Binding
+colours to objects comes first: seen pairs >= 0.9, and a binding probe logged over training.
 
 Key equations (symbols as in the code):
     angle(cell (r, c), pair i) = r f_i (i < n/2) or c f_(i-n/2) (i >= n/2),
@@ -30,7 +34,11 @@ Run:
     python contextar.py --ablate     # + no type embedding, 1-D RoPE, plain causal mask
     python contextar.py --smoke      # the same code path at a tiny size, in seconds
 
-Headline: the reference run of these defaults, results/contextar/results.md.
+Headline (results/contextar/results.md: 4 model seeds, data seed 0, 1,200 steps): every seed binds
+colours (seen pairs 0.995 ± 0.006 [worst 0.987]) and composes: unseen E+K on the 96 needs-both
+scenes 0.940 ± 0.039 [0.893] against the best single-map ceiling 0.823 (K alone), margin +0.118 ±
+0.039 [+0.071], > 0 in 4 of 4 seeds. Implicit checklist items 0.99. Seeds 4-7 of the same data:
+results/contextar/seeds4to7/results.md.
 
 Deviations from the paper (no official code was found):
 - Toy data: 8x8 drawn scenes, one token per cell (8 colours), not VQ tokens of MultiGen-20M images;
@@ -46,6 +54,7 @@ Deviations from the paper (no official code was found):
   from the image and swaps the text for a null token. The dense boolean mask saves no FLOPs.
 - The checklist judge is a set of pixel rules, not a vision-language model.
 """
+
 import argparse
 import contextlib
 import dataclasses

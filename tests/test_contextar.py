@@ -242,7 +242,7 @@ def test_cfg_dropout_mask_by_hand():
     assert torch.equal(got[0, 0], want) and torch.equal(got[1, 0], mask)
 
 
-def test_training_drops_conditions_and_never_sees_unseen_combos(monkeypatch):
+def test_training_drops_conditions_and_never_sees_unseen_combos(monkeypatch, capsys):
     # spy on the loss: which combos train, and how many samples lose text and blocks
     calls = []
     real = C.image_nll
@@ -253,9 +253,16 @@ def test_training_drops_conditions_and_never_sees_unseen_combos(monkeypatch):
 
     monkeypatch.setattr(C, "image_nll", spy)
     torch.manual_seed(0)
-    cfg = C.Config(steps=60, batch=8, width=16, heads=2, layers=1, p_uncond=0.25, log_every=100)
+    cfg = C.Config(steps=60, batch=8, width=16, heads=2, layers=1, p_uncond=0.25, log_every=25,
+                   probe_every=20)
     model = C.ContextAR(cfg)
-    C.train(model, scenes(16), scenes(4), cfg, torch.device("cpu"))
+    probes = C.train(model, scenes(16), scenes(4), cfg, torch.device("cpu"), seed=9)
+    assert [p["step"] for p in probes] == [0, 20, 40, 60]  # before training, then every 20
+    assert all(p["probe"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+               for p in probes)  # 4 scenes x 2 objects
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [line.split()[1] for line in logged] == ["25/60", "50/60", "60/60"]
+    assert all("seed 9" in line for line in logged)
     combos = {combo for combo, _, _ in calls}
     assert combos == set(C.TRAIN_COMBOS)
     assert all(not ("E" in c and "K" in c) for c in combos)  # E+K and E+D+K stay unseen
@@ -280,6 +287,10 @@ def test_needs_both_summary_margin_by_hand():
     torch.testing.assert_close(torch.tensor(out["margin_per_seed"]), torch.tensor([0.1, 0.05]))
     assert out["fidelity_min_seed"]["E+K"] == 0.85 and out["best_single_ceiling"] == 0.8
     torch.testing.assert_close(out["fidelity"]["E"], 0.875)
+    # margins 0.1, 0.05: mean 0.075, std with ddof 1 = 0.05 / sqrt(2)
+    torch.testing.assert_close(out["margin_mean"], 0.075)
+    torch.testing.assert_close(out["margin_std"], 0.05 / 2 ** 0.5)
+    assert out["margin_se_per_seed"] == [0.01, 0.01] and out["n_scenes"] == 40
 
 
 def test_embeddings_text_by_slot_and_word_conditions_by_type():
@@ -374,6 +385,8 @@ def test_standard_error_and_mean_over_seeds_by_hand():
     # [1, 2, 3]: sample std 1 -> se 1 / sqrt(3)
     torch.testing.assert_close(C.standard_error(torch.tensor([1.0, 2.0, 3.0])), 3 ** -0.5)
     assert C.standard_error(torch.tensor([5.0])) == 0.0
+    # [1, 3]: sample std sqrt(2) -> se sqrt(2) / sqrt(2) = 1
+    torch.testing.assert_close(C.standard_error(torch.tensor([1.0, 3.0])), 1.0)
     out = C.mean_over_seeds([{"E": {"fidelity": 0.5}}, {"E": {"fidelity": 0.7}}])
     torch.testing.assert_close(out["E"]["fidelity"], 0.6)
     assert out["E"]["fidelity_per_seed"] == [0.5, 0.7]
@@ -390,7 +403,10 @@ def test_evaluate_a_model_whose_answers_are_fixed(monkeypatch):
     for key in ("edge_f1", "depth_acc", "keypoint_hit", "fidelity", "checklist_explicit",
                 "checklist_implicit"):
         assert metrics[key] == 1.0, key
-    assert metrics["fidelity_se"] == 0.0 and metrics["bits_per_token"] > 0
+    assert metrics["fidelity_se"] == 0.0
+    with torch.no_grad():
+        nll = C.image_nll(model, data["text"], data["cond"], data["image"], ("E",))
+    torch.testing.assert_close(metrics["bits_per_token"], nll.mean().item() / np.log(2))
     wrong = data["image"].clone()
     wrong[wrong >= 5] = C.SKY_DAY  # objects gone: fidelity 0; pairs of rows form one scene
     monkeypatch.setattr(C, "sample", lambda model, text, *args, **kw: wrong)
@@ -592,6 +608,12 @@ def test_render_report_verdicts_follow_the_numbers():
     assert "3 of 3 seeds" in good and "margin > 0 in 3 of 3" in good
     assert ">= +0.05: met" in good and "Failures: none." in good
     assert "Ablations" not in good
+    # the combo table: fidelity mean ± std [worst] beside its ceiling, the scores; needs-both
+    # E+K [0.9, 0.85, 0.83]: mean 0.86, std sqrt((.04^2 + .01^2 + .03^2) / 2) = 0.036
+    assert "| E+K | unseen | 0.800 ± 0.000 [0.800] | 1.000 | 0.900 | 0.800 | 0.700 | 0.100 " \
+           "| 0.900 | 0.950 | 0.860 ± 0.036 [0.830] | 0.800 |" in good
+    assert "| 100 | 0.950 | 0.500 | 0.970 |" in good  # the probe table: step, then each seed
+    assert "| uncond | control | 0.800 ± 0.000 [0.800] |" in good
     with_arms = hand_results([0.95, 0.91, 0.97], [0.1, 0.05, 0.03])
     with_arms["ablations"] = {"causal": {"fidelity": {c: 0.5 for c in C.EVAL_COMBOS},
                                          "needs_both_EK": 0.6,
@@ -600,11 +622,14 @@ def test_render_report_verdicts_follow_the_numbers():
     assert "| -0.200 ± 0.100 [-0.300] | 0.700 ± 0.100 [0.600] |" in C.render_report(with_arms)
 
 
-def test_smoke_run_record_is_consistent(tmp_path):
+def test_smoke_run_record_is_consistent(tmp_path, capsys):
     # two model seeds on one data seed: every summary agrees with the per-seed numbers
     res = C.main(["--smoke", "--seeds", "2", "--seed", "3", "--data-seed", "1", "--workers", "1",
                   "--out", str(tmp_path)])
     saved = json.load(open(os.path.join(tmp_path, "results.json")))
+    logged = [line.split()[1] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step")]
+    assert logged == ["3/6", "6/6"] * 2  # every 3 steps, each seed
     assert saved["seeds"] == [3, 4] and saved["data_seed"] == 1 and saved["unseen"] == C.UNSEEN
     full = saved["arms"]["full"]
     assert set(full) == set(C.EVAL_COMBOS)
@@ -633,6 +658,13 @@ def test_smoke_run_record_is_consistent(tmp_path):
              "n_eval": 6, "n_needs_both": 4, "samples_per_scene": 2}
     assert {k: saved["config"][k] for k in smoke} == smoke
     assert len(saved["train_cpu_time_s_per_seed"]) == 2 and saved["cpu_time_s"] > 0
+    # E+D+K: S = 6 + 4 * 64 = 262; causal 262 * 263 / 2 = 34453; dense 262^2 = 68644; context:
+    # every token sees the 6 text tokens (1572), each block token its own block (3 * 64 * 64),
+    # each image token the 3 blocks (64 * 192) and itself causally (64 * 65 / 2):
+    # 1572 + 12288 + 12288 + 2080 = 28228
+    assert saved["attention_pairs"] == {"S": 262, "context": 28228, "causal": 34453,
+                                        "dense": 68644}
+    assert full["D"]["ceiling"] == 1.0 and full["E"]["ceiling"] < 1 and full["text"]["ceiling"] < 1
     assert open(os.path.join(tmp_path, "results.md")).read() == C.render_report(saved)
     assert os.path.getsize(os.path.join(tmp_path, "contextar.png")) > 1000
 
@@ -656,3 +688,73 @@ def test_sample_grid_places_each_tile():
     edge = int(data["cond"][0, 0, 0]) * 255  # the E map: 255 on an edge cell, else 0
     assert tuple(grid[4, 4 + 44]) == (edge, edge, edge)
     assert tuple(grid[0, 0]) == (255, 255, 255)  # the gap stays white
+
+
+def test_apply_rope_by_hand():
+    # one pair (x_0, x_1) = (1, 2) turned by 90 degrees: (1 cos - 2 sin, 1 sin + 2 cos) = (-2, 1)
+    x = torch.tensor([[1.0, 2.0]])
+    got = C.apply_rope(x, torch.tensor([[0.0]]), torch.tensor([[1.0]]))
+    torch.testing.assert_close(got, torch.tensor([[-2.0, 1.0]]))
+    with pytest.raises(ValueError):
+        C.apply_rope(x, torch.ones(2, 1), torch.zeros(2, 1))
+
+
+def test_greedy_sample_is_the_argmax_of_its_teacher_forced_logits():
+    # a greedy sample x, fed back teacher-forced: the logits of cell j (after x_<j) pick x_j;
+    # a tiny temperature samples the same tokens
+    data, model = scenes(), tiny_model()
+    combo = ("E", "K")
+    x = C.sample(model, data["text"], data["cond"], combo, 0.0, 1.0, None)
+    with torch.no_grad():
+        toks = C.build_tokens(data["text"], data["cond"], x, combo)
+        h = model.hidden(toks, combo, mask=model.layout(combo).mask)[:, -C.CELLS:]
+    assert torch.equal(model.logits(h).argmax(-1), x)
+    cold = C.sample(model, data["text"], data["cond"], combo, 1e-4, 1.0,
+                    torch.Generator().manual_seed(0))
+    assert torch.equal(cold, x)
+
+
+def test_measure_binding_reads_the_layer_map_and_the_first_cells():
+    # a stand-in model whose logits prefer each object's own colour at its first cell (from the
+    # layer map D) and the other object's colour everywhere else: the probe is 1
+    data = scenes(6)
+    layers = data["cond"][:, 1]
+    colours = C.colour_ids(data["text"])
+    logits = torch.zeros(6, 64, 8)
+    for i in range(6):
+        logits[i, :, colours[i, 0]] = 1.0
+        logits[i, layers[i] == 1, colours[i, 1]] = 2.0  # object 1's cells prefer colour 2
+        logits[i, layers[i] == 2, colours[i, 0]] = 3.0  # object 2's cells prefer colour 1
+        for k in (1, 2):
+            first = int((layers[i] == k).nonzero()[0])
+            logits[i, first, colours[i, k - 1]] = 9.0
+
+    class StandIn:
+        def layout(self, combo):
+            assert combo == ("D",)
+            return C.Layout(None, None, None, None, torch.ones(1, 1), C.TEXT_LEN + 2 * 64)
+
+        def hidden(self, tokens, combo, mask):
+            assert tokens.shape == (6, C.TEXT_LEN + 2 * 64)
+            return torch.zeros(6, tokens.shape[1], 1)
+
+        def logits(self, h):
+            assert h.shape == (6, 64, 1)
+            return logits
+
+    assert C.measure_binding(StandIn(), data, torch.device("cpu")) == 1.0
+
+
+def test_scenes_from_a_data_file(tmp_path):
+    rows = [{"prompt": "day summer red bar blue bar", "layout": [[3, 1, 0], [4, 5, 0]]}] * 4
+    rows.append({"prompt": "night winter red square blue plus", "layout": [[3, 2, 0], [5, 6, 0]]})
+    path = tmp_path / "scenes.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = C.Config(data=str(path))
+    train, test = C.load_scenes(cfg, np.random.default_rng(0))
+    assert len(train["prompts"]) == 4 and test["prompts"] == [rows[4]["prompt"]]  # 80 / 20
+    assert test["image"][0].view(8, 8)[7].eq(C.SNOW).all()  # winter: white ground
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": rows[0]["prompt"], "layout": [[3, 1, 0], [3, 1, 0]]}))
+    with pytest.raises(C.BadInput, match="row 1"):
+        C.load_scenes(C.Config(data=str(bad)), np.random.default_rng(0))
