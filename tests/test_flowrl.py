@@ -119,6 +119,10 @@ def test_kl_pg_loss_hand_computed():
     loss.backward()
     # ∂L/∂logp_t = −w A / (N |y|): 1: −0.4 / 4 = −0.1; 2: 1.2 · 0.85 / 4 = 0.255 (A is detached)
     assert_close(logp.grad, torch.tensor([[-0.1, -0.1], [0.255, 0.255]]))
+    # the official clamp(w, max = 1.1): 2's w = min(1.2214, 1.1) = 1.1 → term 1.16875, 1's w = 1
+    # (no lower clip) → L = −(−0.4 + 1.16875) / 2 = −0.384375
+    loss, _ = flowrl.kl_pg_loss(logp, old, ref, mask, reward, baseline, kl_weight=0.5, w_max=1.1)
+    assert_close(loss, torch.tensor(-0.384375))
 
 
 def test_kl_pg_baseline_is_the_group_mean_of_the_shaped_reward():
@@ -459,6 +463,8 @@ def test_update_uses_the_right_loss_inputs_and_gradient(algo, coef, official):
     assert len(history) == 1
     assert history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert history[0]["clipped"] == float(norm > 1.0)
+    # drift = mean_i |Σ_t (logp − old_logp)| = 4 · mean |shift| = 4 · 1.07 / 8 = 0.535
+    assert history[0]["drift"] == pytest.approx(0.535, rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         if q.grad is None:
             assert p.grad is None or not p.grad.any(), name
@@ -608,6 +614,12 @@ def test_evaluate_a_policy_with_known_answers():
     assert math.isclose(out["mass_ratio"], 1 / 3, rel_tol=1e-9)
     assert math.isclose(out["kl_to_target"], 0.0, abs_tol=1e-12)
     assert out["distinct_valid"] == 4
+    # two prompts (s = 1 twice, the same π): every metric is the mean over prompts, not the sum
+    two = flowrl.evaluate(logpi.repeat(2, 1), uniform.repeat(2, 1), [1, 1], "digitsum", 512, 0)
+    one = flowrl.evaluate(logpi, uniform, [1], "digitsum", 512, 0)
+    assert two["distinct_valid"] == 2 and two["accuracy"] == pytest.approx(0.5)
+    for key in ("effective_answers", "kl_to_target", "kl_from_target"):
+        assert two[key] == pytest.approx(one[key])
 
 
 # --- seeds, jobs and the record ---
