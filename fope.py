@@ -921,6 +921,11 @@ def verdicts(results):
     lines += control_verdicts(results, lens[-1])
     if "positional_heads" in results:
         lines += head_verdicts(results["positional_heads"], results["config"]["top_heads"])
+    baselines = [name for name in ("alibi", "nope") if name in arms and has_recall]
+    if baselines:
+        text = "; ".join(f"{name} recall ppl {stat(arms[name], 'recall_ppl', at)}, total ppl "
+                         f"{stat(arms[name], 'ppl', at)}" for name in baselines)
+        lines.append(f"- Baselines at {at}: {text}.")
     if "fope" in arms and "fope_small" in arms and has_recall:
         fope = arms["fope"]
         small = arms["fope_small"]
@@ -979,6 +984,12 @@ def render_report(results):
     return "\n".join(lines) + "\n"
 
 
+def cpu_seconds():
+    """User + system CPU time of this process and of its workers that have finished."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def run(cfg):
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 4), batch=4, n_embd=32, n_layer=2,
@@ -987,7 +998,7 @@ def run(cfg):
                                   log_every=2)
     device = pick_device(cfg.device)
     start = time.time()
-    cpu_start = os.times()
+    cpu_start = cpu_seconds()
     print(f"config: {dataclasses.asdict(cfg)}")
     data = build_data(cfg, cfg.seed)  # checks --data before any job starts; the filler oracle
     n_params = sum(p.numel() for p in Decoder("rope", data.vocab, cfg).parameters())
@@ -995,9 +1006,7 @@ def run(cfg):
     print(f"parameters per model: {n_params}; {len(jobs)} jobs (arms x seeds)")
     outputs = run_jobs(run_job, jobs, cfg.workers, device)
     results = collect(cfg, outputs, data)
-    cpu_end = os.times()
-    cpu = [end - begin for end, begin in zip(cpu_end, cpu_start)]
-    results["cpu_time_s"] = sum(cpu[:4])  # user + system, this process and its workers
+    results["cpu_time_s"] = cpu_seconds() - cpu_start
     results["job_cpu_time_s"] = float(np.mean([out["cpu_time_s"] for out in outputs]))
     results["wall_s"] = time.time() - start
     write_record(cfg.out, "fope", results, plot(results))

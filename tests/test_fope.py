@@ -278,6 +278,7 @@ def test_positional_heads_picks_the_top_scores_and_random_others():
     # the score is computed on attention at distance ≥ min_dist: compare with a direct call
     model(corpus.x[:, :-1], keep=True)
     direct = fope.positional_head_scores(*model.blocks[2].probe, 17)
+    assert not any(t.requires_grad for t in model.blocks[2].probe)  # kept without the graph
     assert_close(scores[2], direct)
     assert direct.abs().min() > 1e-2
 
@@ -443,15 +444,34 @@ def test_decoder_is_causal_and_window_limits_what_it_sees():
     assert_close(win_x[0, :4], full_x[0, :4])
 
 
-def test_training_learns_recall(capsys):
+def test_get_lr_warms_up_then_decays_to_a_tenth():
+    # warm-up 10 steps: (step + 1)/10;  then lr/10 + ½(1 + cos(π·progress))·0.9·lr
+    assert_close(fope.get_lr(0, 100, 1.0, 10), 0.1)
+    assert_close(fope.get_lr(9, 100, 1.0, 10), 1.0)
+    assert_close(fope.get_lr(10, 100, 1.0, 10), 1.0)  # progress 0 → 0.1 + 0.9
+    assert_close(fope.get_lr(55, 100, 1.0, 10), 0.55)  # progress ½ → 0.1 + ½·0.9
+    assert_close(fope.get_lr(100, 100, 2.0, 10), 0.2)  # progress 1 → lr / 10
+    assert_close(fope.get_lr(200, 100, 2.0, 10), 0.2)  # past the end: stays at lr / 10
+
+
+def test_training_learns_recall(capsys, monkeypatch):
     torch.manual_seed(0)
     cfg = tiny_cfg(log_every=15)
     data = fope.build_data(cfg, 0)
     vocab = data.vocab
     assert vocab == 8 + 2 * 5
     before = fope.evaluate(fope.Decoder("cf_only", vocab, cfg).eval(), data.evals[32], 10, 4)
+    schedule = []
+    get_lr = fope.get_lr
+
+    def logged_lr(*args):
+        schedule.append(args)
+        return get_lr(*args)
+    monkeypatch.setattr(fope, "get_lr", logged_lr)
     t0 = time.process_time()
     model, step_time = fope.train_arm("cf_only", cfg, data, torch.device("cpu"), 0)
+    # one call per step: (step, 40 steps, lr 0.01, warm-up 40 // 10 = 4 steps)
+    assert schedule == [(step, 40, 1e-2, 4) for step in range(40)]
     assert 0 < step_time * 40 <= time.process_time() - t0  # seconds per step, not in total
     after = fope.evaluate(model, data.evals[32], 10, 4)
     assert step_time > 0 and not model.training
@@ -582,8 +602,10 @@ def test_render_report_verdicts_follow_the_numbers():
     rope = [seed_row(0, 3.3, 2.0, 0.8), seed_row(1, 3.3, 3.0, 0.7), seed_row(2, 3.3, 1.6, 0.9)]
     fope_rows = [seed_row(0, 3.4, 1.0), seed_row(1, 3.5, 1.02), seed_row(2, 3.3, 1.01)]
     cf_only = [seed_row(0, 3.3, 1.01), seed_row(1, 3.3, 1.0), seed_row(2, 3.3, 1.01)]
+    nope = [seed_row(s, 10.0, 1.4, 0.9) for s in range(3)]
     report = fope.render_report(hand_results(
-        {"rope": rope, "fope": fope_rows, "cf_only": cf_only}))
+        {"rope": rope, "fope": fope_rows, "cf_only": cf_only, "nope": nope}))
+    assert "- Baselines at 256: nope recall ppl 1.400 ± 0.000 [1.400], total ppl 10.000" in report
     # fope recall 1.0, 1.02, 1.01: mean 1.01, std √(2·0.01²/3) = 0.008, worst 1.02; rope 2.2
     line = verdict(report, "Retrieval at 256: ")
     assert "below RoPE's: **yes** (fope 1.010 ± 0.008 [1.020], rope 2.200" in line
@@ -613,6 +635,12 @@ def test_render_report_verdicts_follow_the_numbers():
     assert "**yes** (1.10x ± 0.04 [1.15x]; rope 1.20x)" in verdict(report, "Stability")
     assert "**no**" in verdict(report, "Control") and "rope 2.40 → 3.00" in report
     assert "**no** (windowed far recall ppl 5.0–20.0)" in verdict(report, "Gate")
+    # a tie is not help: fope − cf_only = −0.1, 0, −0.1 → lower in 2 of 3 → clipping alone
+    cf_only = [seed_row(0, 3.3, 1.1), seed_row(1, 3.3, 1.0), seed_row(2, 3.3, 1.1)]
+    report = fope.render_report(hand_results(
+        {"rope": rope, "fope": fope_rows, "cf_only": cf_only}))
+    assert "**yes**" in verdict(report, "Retrieval at 256 by clipping alone")
+    assert "lowers it in 2 of 3 seeds" in report
 
 
 def test_positional_head_verdict():
