@@ -13,9 +13,9 @@ own past; (3) training samples random condition subsets and drops all conditions
 and then (CFG). WorldGenBench scores an image by yes/no checklist items, many implied by world
 knowledge; here a pixel-rule judge, and toy-world rules the text implies (night => moon).
 The test: training sees single maps and the pairs E+D, D+K, never E+K or E+D+K. D alone pins the
-layout, so 96 needs-both scenes (two bars) are drawn where, by enumeration, neither E nor K alone can
-and E+K can; a seed's margin is its unseen E+K fidelity minus the best single-map ceiling. Binding
-colours to objects comes first: seen pairs >= 0.9, and a binding probe logged over training.
+layout, so 96 needs-both scenes (two bars) are drawn where, by enumeration, neither E nor K alone
+can and E+K can; a seed's margin is its unseen E+K fidelity minus the best single-map ceiling.
+Binding colours to objects comes first: seen pairs >= 0.9, and a binding probe logged in training.
 
 Key equations (symbols as in the code):
     angle(cell (r, c), pair i) = r f_i (i < n/2) or c f_(i-n/2) (i >= n/2),
