@@ -448,6 +448,23 @@ def test_sim_to_real_blocks_greedy_sampled_and_stale():
     assert out["stale_world"]["em_real"] == 0.5
 
 
+def test_the_stale_world_is_drawn_from_seed_plus_3(monkeypatch):
+    kb, tok = small_world()
+    model = scripted_model(kb, tok, fixed_responses(kb))
+    world = ssrl.World(kb, tok, None, [], ["a0 b0", "a0 b1"], [], {"e0", "e1"})
+    real_stale_kb = ssrl.stale_kb
+    seen = []
+
+    def spy(kb_, people, frac, rng):
+        seen.append((people, frac, rng.getstate()))
+        return real_stale_kb(kb_, people, frac, rng)
+
+    monkeypatch.setattr(ssrl, "stale_kb", spy)
+    cfg = ssrl.Config(n_eval=1, n_small=1, max_new=60, stale_frac=0.25)
+    ssrl.sim_to_real(model, world, cfg, torch.device("cpu"), 7)
+    assert seen == [(["a0 b0"], 0.25, random.Random(10).getstate())]
+
+
 def test_hop_recall_gate_reads_the_information_block():
     kb, tok = small_world()
     model = Scripted(len(tok.raw), bio_script(kb, tok, wrong={"e1"}), tok.special["<pad>"])
@@ -500,7 +517,7 @@ def test_generate_and_response_logp_agree_with_the_full_forward():
         assert ids[0, len(prompt):].tolist() == lp.argmax(-1).tolist()
 
 
-def test_pretraining_lowers_the_loss():
+def test_pretraining_lowers_the_loss(capsys):
     kb, tok = small_world()
     pool = ssrl.pretraining_pool(kb, tok, ["a0 b0"])
     torch.manual_seed(0)
@@ -518,7 +535,11 @@ def test_pretraining_lowers_the_loss():
 
     before = nll()
     unused = model.pos.weight.detach()[60:].clone()  # no sequence is longer than 55 tokens
+    capsys.readouterr()
     ssrl.pretrain(model, pool, cfg, torch.device("cpu"), tok, random.Random(0))
+    # a log line every 60 // 4 = 15 steps
+    logged = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert logged == [15, 30, 45, 60]
     assert nll() < 0.5 * before
     # AdamW with weight decay 0: a position row with zero gradient gets a zero update
     assert torch.equal(model.pos.weight.detach()[60:], unused)
@@ -937,7 +958,10 @@ def test_arms_start_from_the_seed_s_pretrained_weights_and_the_same_noise(monkey
                      rng.random(), torch.rand(1).item()))
         return []
 
+    probe_seeds = []
     monkeypatch.setattr(ssrl, "ssrl", fake_ssrl)
+    monkeypatch.setattr(ssrl, "recall_probe",
+                        lambda world, cfg_, device, seed: probe_seeds.append(seed))
     monkeypatch.setattr(ssrl, "measure", lambda *args: {})
     monkeypatch.setattr(ssrl, "sim_to_real", lambda *args: {})
     world = ssrl.build_world(cfg, random.Random(4))
@@ -950,6 +974,7 @@ def test_arms_start_from_the_seed_s_pretrained_weights_and_the_same_noise(monkey
         assert torch.equal(policy, torch.from_numpy(weights["tok.weight"]))
         assert torch.equal(ref, policy)
     assert seen[0][2:] == seen[1][2:]  # both arms: the same python and torch noise
+    assert probe_seeds == [34, 34]  # the probe's own noise: seed + 30
 
 
 def test_pretraining_loss_is_the_mean_nll_over_real_tokens(monkeypatch):
