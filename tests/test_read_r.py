@@ -259,6 +259,18 @@ def test_gpt_embeddings_start_small():
         assert abs(weight.mean().item()) < 0.002
 
 
+def test_gpt_input_is_the_token_plus_the_previous_word():
+    # the block sees tok(x_t) + prev(the last word before t): captured at the block's input
+    torch.manual_seed(0)
+    model = read_r.GPT(12, 8, 16, 1, 2)
+    idx = torch.tensor([[8, 2, 9, 3, 10]])  # words 8, 9, 10; tags 2, 3
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model(idx)
+    prev = torch.tensor([[0, 8, 8, 9, 9]])  # pad, then the last word strictly before each position
+    torch.testing.assert_close(seen[0], model.tok(idx) + model.prev(prev))
+
+
 class Scripted(torch.nn.Module):
     """A policy whose next word is policy(words so far); the first KVCache keeps the words."""
 
@@ -455,10 +467,12 @@ def test_train_base_readiness_with_thinking_then_warm_start_with_a_fresh_optimiz
     def fake_accuracy(model, tok, rows, mode, cfg, device):
         asked_modes.add(mode)
         asked_types.update(r["type"] for r in rows)
+        assert len(rows) == 32 * 4  # 32 fresh ads, their 4 one-hop questions
         return accuracy[0]
 
     def fake_forced(model, tok, rows, cfg, device):
         asked_types.update("forced " + r["type"] for r in rows)
+        assert len(rows) == 64  # 64 fresh ads, their two-hop question
         return forced[0]
     monkeypatch.setattr(read_r, "sft_train", fake_sft)
     monkeypatch.setattr(read_r, "greedy_accuracy", fake_accuracy)
@@ -702,6 +716,13 @@ def test_pass_at_k_and_the_forced_chain():
     assert read_r.pass_at_k(Scripted(tok, lambda w: by_length(w) if w[-1] != "<answer>" else "m0"),
                             tok, rows, 8, cfg, CPU, 0) == 0.0
     assert read_r.pass_at_k(Scripted(tok, solve), tok, [], 8, cfg, CPU, 0) is None
+    # right only on the car ads: pass@8 is the share of car ads, each question judged on its own
+    # 8 samples
+    def car_only(words):
+        return solve(words) if words[-1] != "<answer>" or "car" in words else "m0"
+    cars = sum("car" in r["frames"].split() for r in rows) / len(rows)
+    assert 0 < cars < 1
+    assert read_r.pass_at_k(Scripted(tok, car_only), tok, rows, 8, cfg, CPU, 0) == cars
     # a fair coin (Coin at w = 0): pass@1 ≈ 0.5 and pass@8 = 1 − 2^−8 ≈ 0.996 over 40 questions
     torch.manual_seed(5)
     state = torch.get_rng_state()
@@ -942,6 +963,27 @@ def test_arms_job_wiring(monkeypatch):
     grpo_calls.clear()
     read_r.arms_job(tok, read_r.Config(steps=7, rl_types="all"), CPU, 0, train, test)
     assert grpo_calls[0][4] == set(read_r.TYPES)
+
+
+def test_run_wires_seeds_jobs_and_the_record(tmp_path, monkeypatch):
+    # run with run_jobs replaced by the hand-made outputs: seeds 3 and 4 (--smoke: 2 seeds), one
+    # job per seed and part, the record written from them
+    asked = []
+    by_key = dict(zip(*[[(j.seed, j.part) for j in fake_outputs([3, 4])[0]],
+                        fake_outputs([3, 4])[1]]))
+
+    def fake_run_jobs(fn, jobs, workers, device):
+        asked.append((fn, workers, [(j.seed, j.part, j.cfg.smoke) for j in jobs]))
+        return [by_key[(j.seed, j.part)] for j in jobs]
+    monkeypatch.setattr(read_r, "run_jobs", fake_run_jobs)
+    res = read_r.run(read_r.Config(seed=3, smoke=True, workers=5, out=str(tmp_path)))
+    assert asked == [(read_r.run_job, 5, [(seed, part, True) for part in read_r.PARTS
+                                          for seed in (3, 4)])]
+    assert res["seeds"] == [3, 4] and res["config"]["seeds"] == 2
+    torch.testing.assert_close(res["margin_per_seed"], [0.28, 0.10])
+    assert res["wall_s"] >= 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text() == read_r.render_report(saved)
 
 
 def test_smoke_writes_its_record(tmp_path):
