@@ -123,6 +123,12 @@ def test_fope_identity_layout_and_noise_std():
     eye[[0, 2, 4, 6], [0, 1, 2, 3]] = 1.0
     assert_close(sin_coef[0], eye)
     assert_close(cos_coef[0], eye)
+    # L = 3000: floor 2π/3000 = 0.0021 keeps ω_5 = 10000^(−5/8) = 0.0032, not ω_6 = 0.001 → K = 6;
+    # d' = 4, stride ⌈6/4⌉ = 2 → rows 0, 2, 4 and 6; row 6 is past K, so output 3 reads no input
+    _, sin_coef, _ = fope.fope_tables(16, 1, 3000, sigma=0.0)
+    eye = torch.zeros(6, 4)
+    eye[[0, 2, 4], [0, 1, 2]] = 1.0
+    assert_close(sin_coef[0], eye)
     # official xavier_normal_(gain σ) on (H, K, d') = (400, 5, 5): std = 0.3·√(2/(5·405)) = 0.009428
     torch.manual_seed(0)
     _, sin_coef, cos_coef = fope.fope_tables(32, 400, 64, sigma=0.3)
