@@ -68,6 +68,9 @@ MALFORMED = {
     "two information opens, one close": block(T, "a") + block(S, "q") + "<information> f"
     + block(I, "g") + block(T, "c") + block(A, "p"),
     "answer inside think": block(T, "a " + block(A, "p")) + block(A, "p"),
+    "think between the second search and its information": block(T, "a") + block(S, "q")
+    + block(I, "f") + block(S, "r") + block(T, "b") + block(I, "g") + block(T, "c")
+    + block(A, "p"),
     "a query over two lines": block(T, "q") + block(S, "w\nx") + block(I, "f") + block(T, "ok")
     + block(A, "p"),
     "a search after the answer": block(T, "a") + block(S, "q") + block(I, "f")
@@ -859,6 +862,20 @@ def test_every_vocabulary_word_is_one_token():
     for word in ["of", "?", "a0", "b1", "c0", "k1", "e0", "hq", "employer", "country", "done"]:
         assert len(tok.encode(" " + word)) == 1, word
         assert len(tok.encode(word)) == 1, word
+
+
+def test_the_model_has_positions_for_the_longest_packed_sequence():
+    kb, tok = small_world()
+    pool = ssrl.pretraining_pool(kb, tok, ["a0 b0"])
+    world = ssrl.World(kb, tok, pool, ["a0 b0"], [], [], set())
+    longest = max(len(b) for b in pool.bios)  # the employer bio line of a0 b0 or a0 b1
+    assert longest == len(tok.encode(ssrl.bio_text(kb, "a0 b0", "employer")))
+    # pack 4: 4 · longest + 1 (<s>) < 96, so 96 positions; pack 6: more than 96
+    assert 4 * longest + 1 < 96 < 6 * longest + 1
+    small = ssrl.new_model(ssrl.Config(pack=4, d_model=16, n_head=2), world, "cpu")
+    assert small.pos.weight.shape[0] == 96
+    big = ssrl.new_model(ssrl.Config(pack=6, d_model=16, n_head=2), world, "cpu")
+    assert big.pos.weight.shape[0] == 6 * longest + 1
 
 
 def test_gpt2_init_and_causal_prefill_of_two_tokens():
