@@ -445,7 +445,9 @@ def test_a_few_training_steps_lower_the_loss():
 def test_kv_cache_speedup_is_a_speedup_with_identical_tokens():
     data, model = scenes(), tiny_model()
     out = C.kv_cache_speedup(model, data, torch.device("cpu"), n=4, repeats=2)
-    assert len(out["kv_cache_speedup_repeats"]) == 2 and min(out["kv_cache_speedup_repeats"]) > 1
+    # CPU seconds with the cache / without: recomputing 64 growing sequences costs several times
+    # the cached steps, even for this tiny model
+    assert len(out["kv_cache_speedup_repeats"]) == 2 and min(out["kv_cache_speedup_repeats"]) > 2
     assert out["kv_cache_identical"]
 
 
