@@ -114,15 +114,18 @@ def test_bad_input_exits_2_with_one_line(name, argv, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_malformed_data_file_names_file_and_line(name, tmp_path, capsys):
+@pytest.mark.parametrize("text,says", [('\n{"no_such_column": 1}\n', "line 2"),
+                                       ("{not json\n", "line 1"), ("\n\n", "no rows")],
+                         ids=["no-column", "not-json", "empty"])
+def test_malformed_data_file_names_file_and_line(name, text, says, tmp_path, capsys):
     module = importlib.import_module(name)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"no_such_column": 1}\n')
+    bad.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--data", str(bad), "--smoke", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert str(bad) in err and "line 1" in err and len(err.strip().splitlines()) == 1
+    assert str(bad) in err and says in err and len(err.strip().splitlines()) == 1
 
 
 BANNER = ("# --- boilerplate: CLI, seeds, device, workers, logs, files "
