@@ -1015,6 +1015,14 @@ def test_bad_input_exits_2(argv, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_generated_rows_follow_the_seed():
+    # seed s: train then test from random.Random(1000 s + 1); another seed, other ads
+    cfg = read_r.Config(n_train=3, n_test=2)
+    rng = random.Random(2001)
+    assert read_r.load_rows(cfg, 2) == (read_r.make_rows(rng, 3), read_r.make_rows(rng, 2))
+    assert read_r.load_rows(cfg, 3)[0] != read_r.load_rows(cfg, 2)[0]
+
+
 def test_data_file(tmp_path, capsys):
     rows = read_r.make_rows(random.Random(0), 3)
     path = tmp_path / "ads.jsonl"
