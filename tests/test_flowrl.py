@@ -493,7 +493,7 @@ def test_update_stops_on_a_non_finite_loss():
     roll = hand_rollout(model, small_policy(1))
     roll = roll._replace(r_hat=roll.r_hat * float("nan"))
     opt = flowrl.make_optimizer(model, 0.01, 1.0)
-    with pytest.raises(flowrl.NonFinite, match="step 7: the flowrl loss is nan"):
+    with pytest.raises(flowrl.NonFinite, match="step 7: loss is nan; stopping"):
         flowrl.update(model, opt, roll, flowrl.Arm("f", "flowrl", 1.0, "digitsum"),
                       [torch.arange(8)], flowrl.Config(group=4), 7)
 
