@@ -664,8 +664,7 @@ def train(model, data, probe_data, cfg, device, **ident):
             group["lr"] = lr
         mask = cfg_dropout_mask(lay.mask, drop, TEXT_LEN, CELLS)  # (B, 1, S, S)
         loss = image_nll(model, text, cond, image, combo, mask).mean()
-        if not math.isfinite(loss.item()):  # stop at once, naming the step and the term
-            raise NonFinite(f"step {step}: loss is {loss.item()}; stopping")
+        check_finite(step, loss=loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1399,11 +1398,9 @@ def main(argv=None):
 
 class BadInput(Exception):
     """A user error (a flag, a value, a file): one line on stderr, exit status 2."""
-    status = 2
 
 class NonFinite(Exception):
     """A loss term turned NaN or inf: the step and the term on stderr, exit status 1."""
-    status = 1
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the usage and exits 2; we want one line
@@ -1435,12 +1432,10 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 def pick_device(name):
-    """auto: cuda, then mps, then cpu."""
-    found = {"cpu": True, "cuda": torch.cuda.is_available(),
-             "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        name = "cuda" if found["cuda"] else "mps" if found["mps"] else "cpu"
-    require(found.get(name), f"--device {name}: not available here (auto, cpu, cuda or mps)")
+    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":  # cuda, then mps, then cpu
+        name = "cuda" if has["cuda"] else "mps" if has["mps"] else "cpu"
+    require(has.get(name), f"--device {name}: not available here (auto, cpu, cuda or mps)")
     return torch.device(name)
 
 def log_progress(step, total, start_time, **metrics):
@@ -1450,16 +1445,24 @@ def log_progress(step, total, start_time, **metrics):
     eta = elapsed / step * (total - step)
     print(f"step {step:>5}/{total} | {' '.join(parts)} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
 
+def check_finite(step, **terms):
+    """Stop the run, naming the step and the term, as soon as a loss term is NaN or inf."""
+    for name, value in terms.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"step {step}: {name} is {float(value)}; stopping")
+
 def load_user_data(path, columns):
     """A JSON-lines file as a datasets.Dataset; a bad row is one BadInput line (file, line)."""
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                row = json.loads(line) if line.strip() else dict.fromkeys(columns)  # blank: skip
-            except json.JSONDecodeError as e:
-                raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
-            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-            require(not missing, f"--data {path}, line {line_no}: no column {missing[:1]}")
+        rows = [(line_no, line) for line_no, line in enumerate(f, 1) if line.strip()]
+    require(rows, f"--data {path}: no rows")
+    for line_no, line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"--data {path}, line {line_no}: not valid JSON ({e.msg})")
+        missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+        require(not missing, f"--data {path}, line {line_no}: no column {missing[:1]}")
     datasets.disable_progress_bars()
     return datasets.load_dataset("json", data_files=path, split="train")
 
@@ -1503,7 +1506,7 @@ def run_cli(cls, run, argv=None):
         return run(parse_config(cls, argv))
     except (BadInput, NonFinite) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.status)
+        sys.exit(2 if isinstance(e, BadInput) else 1)
 
 
 if __name__ == "__main__":
