@@ -426,6 +426,10 @@ def test_evaluate_a_model_whose_answers_are_fixed(monkeypatch):
     monkeypatch.setattr(C, "sample", lambda model, text, *args, **kw: wrong)
     metrics = C.evaluate(model, data, ("E",), cfg, torch.device("cpu"), None, group=2)[0]
     assert metrics["fidelity"] == 0.0 and metrics["checklist_explicit"] == 0.0
+    # the true image again, two rows a scene: each scene's fidelity is the MEAN of its rows, 1
+    monkeypatch.setattr(C, "sample", lambda model, text, *args, **kw: data["image"])
+    metrics = C.evaluate(model, data, ("E",), cfg, torch.device("cpu"), None, group=2)[0]
+    assert metrics["fidelity"] == 1.0 and metrics["fidelity_se"] == 0.0
 
 
 def test_a_few_training_steps_lower_the_loss():
