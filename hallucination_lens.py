@@ -471,7 +471,7 @@ class TinyLM(nn.Module):
 # --- training ---
 
 
-def cosine_lr(step, total, lr, warmup):
+def get_lr(step, total, lr, warmup):
     """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
     # 1) linear warm-up from lr / warmup to lr
     if step < warmup:
@@ -491,7 +491,7 @@ def train(model, tokens, answers, train_idx, cfg, seed, device, on_log):
     start = time.time()
     seen = 0
     for step in range(1, cfg.steps + 1):
-        lr = cosine_lr(step - 1, cfg.steps, cfg.lr, warmup)
+        lr = get_lr(step - 1, cfg.steps, cfg.lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)  # (B,)

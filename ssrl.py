@@ -697,7 +697,7 @@ def new_model(cfg, world, device):
 # --- training: next-token pretraining, then GRPO with the mask and the anchor ---
 
 
-def cosine_lr(step, total, lr, warmup):
+def get_lr(step, total, lr, warmup):
     """nanoGPT's schedule: linear warm-up for `warmup` steps, then cosine decay to lr / 10."""
     # 1) linear warm-up from lr / warmup to lr
     if step < warmup:
@@ -716,7 +716,7 @@ def pretrain(model, pool, cfg, device, tok, rng, seed=0):
     n_tok = 0
     templates = list(TEMPLATES)
     for step in range(1, cfg.pretrain_steps + 1):
-        lr = cosine_lr(step - 1, cfg.pretrain_steps, cfg.pretrain_lr, warmup=20)
+        lr = get_lr(step - 1, cfg.pretrain_steps, cfg.pretrain_lr, warmup=20)
         opt.param_groups[0]["lr"] = lr
         seqs = [sample_packed_bios(pool, cfg.pack, tok.special["<s>"], rng)
                 for _ in range(cfg.bio_batch)]

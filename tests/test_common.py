@@ -285,6 +285,20 @@ def test_group_normalize_groups_of_one_and_equal_groups(name):
     torch.testing.assert_close(out, torch.tensor([[expected, -expected, -expected, expected]]))
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_learning_rate_schedule_is_one_function(name):
+    """Every script that schedules its learning rate uses the same get_lr (nanoGPT's schedule)."""
+    module = importlib.import_module(name)
+    with_schedule = [s for s in SCRIPTS if hasattr(importlib.import_module(s), "get_lr")]
+    if not hasattr(module, "get_lr"):
+        pytest.skip(f"{name}.py has no learning-rate schedule")
+    first = importlib.import_module(with_schedule[0])
+    assert inspect.getsource(module.get_lr) == inspect.getsource(first.get_lr)
+    # warm-up 10 of 100 steps at lr 1: step 0 -> 0.1, step 10 -> 1, step 55 halfway -> 0.55, end 0.1
+    for step, expected in [(0, 0.1), (10, 1.0), (55, 0.55), (100, 0.1)]:
+        assert module.get_lr(step, 100, 1.0, 10) == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("name", ENCODING_SCRIPTS)
 def test_word_encoding_is_the_same_function_everywhere(name):
     module, first = importlib.import_module(name), importlib.import_module(ENCODING_SCRIPTS[0])

@@ -598,7 +598,7 @@ def attention(block, x):
 
 
 def test_first_step_moves_each_weight_by_the_peak_lr():
-    # one step, warm-up of one step: lr = cosine_lr(0, 1, lr, 1) = lr; Adam's first update is
+    # one step, warm-up of one step: lr = get_lr(0, 1, lr, 1) = lr; Adam's first update is
     # lr · g / (|g| + eps) ≈ ±lr for every weight with a gradient (no weight decay here)
     tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(0))
     answers = torch.arange(8) % 11
@@ -627,16 +627,16 @@ def test_training_fits_the_trained_prompts():
     assert len(calls) == 2  # steps 30 and 60
 
 
-def test_cosine_lr_hand_values():
+def test_get_lr_hand_values():
     # warm-up 10 of 100 steps, lr 1: step 0 -> 1/10, step 9 -> 10/10; then cosine to lr / 10:
     # step 10 (progress 0) -> 1, step 55 (progress 45/90 = 1/2) -> 0.1 + 0.5 · 1 · 0.9 = 0.55,
     # step 100 (progress 1) -> 0.1
-    assert hl.cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert hl.cosine_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert hl.cosine_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
-    assert hl.cosine_lr(55, 100, 1.0, 10) == pytest.approx(0.55)
-    assert hl.cosine_lr(100, 100, 1.0, 10) == pytest.approx(0.1)
-    assert hl.cosine_lr(150, 100, 2.0, 10) == pytest.approx(0.2)  # progress capped at 1
+    assert hl.get_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert hl.get_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert hl.get_lr(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert hl.get_lr(55, 100, 1.0, 10) == pytest.approx(0.55)
+    assert hl.get_lr(100, 100, 1.0, 10) == pytest.approx(0.1)
+    assert hl.get_lr(150, 100, 2.0, 10) == pytest.approx(0.2)  # progress capped at 1
 
 
 def test_train_is_adamw_on_the_answer_token_with_the_schedule():
@@ -653,7 +653,7 @@ def test_train_is_adamw_on_the_answer_token_with_the_schedule():
     gen = torch.Generator().manual_seed(5)
     for step in range(40):
         for group in opt.param_groups:
-            group["lr"] = hl.cosine_lr(step, 40, 1e-2, 2)
+            group["lr"] = hl.get_lr(step, 40, 1e-2, 2)
         idx = train_idx[torch.randint(8, (4,), generator=gen)]
         loss = torch.nn.functional.cross_entropy(reference(tokens[idx]), answers[idx])
         opt.zero_grad()
