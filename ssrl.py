@@ -525,7 +525,7 @@ def build_world(cfg, rng):
 
 @dataclasses.dataclass
 class KVCache:
-    """One layer's keys and values so far, each (B, nh, T_past, hs); empty before the prefill."""
+    """One layer's keys and values so far, each (B, n_head, T_past, hs); empty before prefill."""
     k: typing.Optional[torch.Tensor] = None
     v: typing.Optional[torch.Tensor] = None
 

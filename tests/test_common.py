@@ -286,6 +286,22 @@ def test_group_normalize_groups_of_one_and_equal_groups(name):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_kv_cache_is_one_class(name):
+    """Every script that samples with a KV cache uses the same KVCache, appending along time."""
+    module = importlib.import_module(name)
+    if not hasattr(module, "KVCache"):
+        pytest.skip(f"{name}.py samples without a KV cache")
+    with_cache = [s for s in SCRIPTS if hasattr(importlib.import_module(s), "KVCache")]
+    first = importlib.import_module(with_cache[0])
+    assert inspect.getsource(module.KVCache) == inspect.getsource(first.KVCache)
+    cache = module.KVCache()
+    k, v = cache.append(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    k, v = cache.append(torch.ones(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))  # (B, nh, 3 + 1, hs)
+    assert k.shape == (1, 2, 4, 4) and k[0, 0, :, 0].tolist() == [0, 0, 0, 1]
+    assert torch.equal(cache.v, v) and v[0, 0, :, 0].tolist() == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_learning_rate_schedule_is_one_function(name):
     """Every script that schedules its learning rate uses the same get_lr (nanoGPT's schedule)."""
     module = importlib.import_module(name)
